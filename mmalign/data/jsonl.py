@@ -1,0 +1,82 @@
+"""Preference pairs from a JSONL file plus a folder of images.
+
+One JSON object per line: ``{"caption": "...", "chosen": "rel/a.png", "rejected": "rel/b.png"}`` with an
+optional ``"label"``: 1.0 (chosen preferred, the default) or 0.5 (a tie). Image paths are relative to
+``image_root`` (default: the JSONL file's folder) and must resolve inside it, symlinks included, so a shared
+dataset file cannot make training read arbitrary files. Blank lines are skipped; other keys are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from mmalign.data.records import PairRecord, check_ties
+from mmalign.errors import UserError
+
+KEYS = ("caption", "chosen", "rejected")
+LABELS = "1.0 (chosen preferred) or 0.5 (tie)"
+
+
+def read_jsonl(path: str, *, image_root: str | None = None, ties: str = "drop") -> list[PairRecord]:
+    """Read pairs; ``row`` of each record is its 1-based line number, images are checked to exist."""
+    check_ties(ties)
+    if not os.path.isfile(path):
+        raise UserError(f"data.path: {path} does not exist (expected a JSONL file, one JSON object per line)")
+    root = os.path.realpath(image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
+    if not os.path.isdir(root):
+        raise UserError(f"data.image_root: {image_root} is not a folder (image paths are relative to it)")
+    records = []
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(
+                    f"{path} line {number}: not UTF-8 text ({err.reason} at byte {err.start})"
+                ) from None
+            if not text.strip():
+                continue
+            record = _parse_line(
+                text, where=f"{path} line {number}", row=number, source=path, root=root, ties=ties
+            )
+            if record is not None:
+                records.append(record)
+    return records
+
+
+def _parse_line(text: str, *, where: str, row: int, source: str, root: str, ties: str) -> PairRecord | None:
+    try:
+        entry = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: not valid JSON ({err.msg} at column {err.pos + 1})") from None
+    if not isinstance(entry, dict):
+        raise UserError(
+            f"{where}: expected a JSON object with keys {', '.join(KEYS)}, got {type(entry).__name__}"
+        )
+    for key in KEYS:
+        if key not in entry:
+            raise UserError(f"{where}: missing key {key!r} (needs {', '.join(KEYS)}; optional label)")
+        if not isinstance(entry[key], str):
+            raise UserError(f"{where}: key {key} must be a string, got {entry[key]!r}")
+    label = entry.get("label", 1.0)
+    if isinstance(label, bool) or label not in (1, 0.5):
+        raise UserError(f"{where}: key label is {label!r}; accepted: {LABELS}")
+    if label == 0.5 and ties == "drop":
+        return None
+    chosen = _image_path(entry["chosen"], where=f"{where}: key chosen", root=root)
+    rejected = _image_path(entry["rejected"], where=f"{where}: key rejected", root=root)
+    return PairRecord(
+        entry["caption"], chosen, rejected, float(label), row, source, "chosen", "rejected", "line"
+    )
+
+
+def _image_path(value: str, *, where: str, root: str) -> str:
+    resolved = os.path.realpath(os.path.join(root, value))
+    if os.path.commonpath([root, resolved]) != root:
+        raise UserError(
+            f"{where}: path {value!r} escapes the dataset root {root} (paths must stay inside it)"
+        )
+    if not os.path.isfile(resolved):
+        raise UserError(f"{where}: image {value!r} not found (looked for {resolved})")
+    return resolved

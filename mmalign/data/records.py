@@ -1,0 +1,44 @@
+"""The canonical offline preference pair every text-to-image reader produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmalign.errors import UserError
+
+TIES = ("drop", "keep")
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """One preference pair: a caption and two images, ``chosen`` preferred over ``rejected``.
+
+    ``chosen`` / ``rejected`` hold encoded image bytes (parquet, HF datasets) or an absolute path to an image
+    file that the reader has already checked (JSONL). ``label`` is 1.0 when ``chosen`` is preferred and 0.5
+    for a tie (present only when ties are kept; a tie's order is the file's). ``row`` and ``source`` locate
+    the pair in its file for error messages: a 0-based row index for tables, a 1-based line number for JSONL
+    (``row_unit`` says which). ``chosen_column`` / ``rejected_column`` name the column or key each image came
+    from, so an image that fails to decode later is reported where the user can find it.
+    """
+
+    caption: str
+    chosen: bytes | str
+    rejected: bytes | str
+    label: float
+    row: int
+    source: str
+    chosen_column: str = "jpg_0"
+    rejected_column: str = "jpg_1"
+    row_unit: str = "row"
+
+    def where(self, side: str) -> str:
+        """``"<source> row 17: column jpg_1"`` (or ``"line 3: key rejected"``) for ``side`` chosen/rejected."""
+        column = self.chosen_column if side == "chosen" else self.rejected_column
+        kind = "key" if self.row_unit == "line" else "column"
+        return f"{self.source} {self.row_unit} {self.row}: {kind} {column}"
+
+
+def check_ties(ties: str) -> None:
+    """Raise unless ``ties`` is one of :data:`TIES`."""
+    if ties not in TIES:
+        raise UserError(f"data.ties must be one of {', '.join(repr(t) for t in TIES)}, got {ties!r}")
