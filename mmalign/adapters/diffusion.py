@@ -1,0 +1,331 @@
+"""Text-to-image diffusion adapter (diffusers ``UNet2DConditionModel``: SD 1.x / 2.x, SDXL, pixel-space UNets).
+
+What the preference engine needs from a diffusion model, and nothing else:
+
+- ``load_components``: a pipeline directory on local disk (``unet/``, ``scheduler/``, ``text_encoder/``,
+  ``tokenizer/``, optional ``vae/``; SDXL adds ``text_encoder_2/`` and ``tokenizer_2/``) → ``Components``.
+- ``score``: −½ · per-sample mean squared denoising error, the log-likelihood surrogate of Diffusion-DPO
+  (Wallace et al., arXiv 2311.12908, Eq. 14). Both members of a pair and both models (policy and reference)
+  see the same timestep, the same noise and the same text condition.
+- ``sample``: DDIM sampling with classifier-free guidance, seeded per sample.
+
+A model without ``vae/`` works in pixel space (as DeepFloyd IF does); the toy world's base model is one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
+
+from mmalign.errors import UserError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass
+class Components:
+    """The frozen parts of a text-to-image pipeline plus the UNet that gets trained."""
+
+    unet: UNet2DConditionModel
+    scheduler: DDPMScheduler
+    text_encoder: CLIPTextModel
+    tokenizer: PreTrainedTokenizerBase
+    vae: AutoencoderKL | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: PreTrainedTokenizerBase | None = None
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def resolution(self) -> int:
+        """Pixel resolution the UNet was built for."""
+        factor = 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.unet.config.sample_size * factor
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+
+def load_components(path: str, *, dtype: torch.dtype = torch.float32) -> Components:
+    """Load a pipeline directory from local disk; nothing is fetched from a hub."""
+    if not os.path.isdir(path):
+        raise UserError(f"model.path: {path!r} is not a directory (expected a diffusers pipeline folder)")
+    for sub in ("unet", "scheduler", "text_encoder", "tokenizer"):
+        if not os.path.isdir(os.path.join(path, sub)):
+            raise UserError(
+                f"model.path: {path} has no '{sub}/' folder "
+                "(a pipeline folder needs unet/, scheduler/, text_encoder/, tokenizer/ and optionally vae/)"
+            )
+    local = {"local_files_only": True}
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **local)
+    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **local)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype, **local)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), **local)
+    vae = None
+    if os.path.isdir(os.path.join(path, "vae")):
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **local)
+    text_encoder_2 = tokenizer_2 = None
+    if os.path.isdir(os.path.join(path, "text_encoder_2")):
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            path, subfolder="text_encoder_2", torch_dtype=dtype, **local
+        )
+        tokenizer_2 = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer_2"), **local)
+    for module in (text_encoder, vae, text_encoder_2):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    return Components(unet, scheduler, text_encoder, tokenizer, vae, text_encoder_2, tokenizer_2)
+
+
+def save_components(components: Components, path: str, *, unet: UNet2DConditionModel | None = None) -> None:
+    """Write a pipeline folder that ``load_components`` (and diffusers, for SD layouts) reads back."""
+    os.makedirs(path, exist_ok=True)
+    (unet or components.unet).save_pretrained(os.path.join(path, "unet"), safe_serialization=True)
+    components.scheduler.save_pretrained(os.path.join(path, "scheduler"))
+    components.text_encoder.save_pretrained(os.path.join(path, "text_encoder"), safe_serialization=True)
+    components.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+    if components.vae is not None:
+        components.vae.save_pretrained(os.path.join(path, "vae"), safe_serialization=True)
+    if components.text_encoder_2 is not None:
+        components.text_encoder_2.save_pretrained(os.path.join(path, "text_encoder_2"), safe_serialization=True)
+        components.tokenizer_2.save_pretrained(os.path.join(path, "tokenizer_2"))
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump(_model_index(components), f, indent=2)
+
+
+def _model_index(components: Components) -> dict:
+    index = {
+        "_class_name": "StableDiffusionXLPipeline" if components.is_sdxl else "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", type(components.scheduler).__name__],
+        "text_encoder": ["transformers", type(components.text_encoder).__name__],
+        "tokenizer": ["transformers", type(components.tokenizer).__name__],
+    }
+    if components.vae is not None:
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+    if components.is_sdxl:
+        index["text_encoder_2"] = ["transformers", type(components.text_encoder_2).__name__]
+        index["tokenizer_2"] = ["transformers", type(components.tokenizer_2).__name__]
+    return index
+
+
+# --------------------------------------------------------------------------------------------- conditioning
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: torch.device) -> torch.Tensor:
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return ids.to(device)
+
+
+@torch.no_grad()
+def encode_prompts(components: Components, prompts: list[str]) -> tuple[torch.Tensor, dict | None]:
+    """Text condition for the UNet: (B, L, D) hidden states, plus SDXL's pooled embeds and time ids."""
+    device = components.text_encoder.device
+    hidden = components.text_encoder(_tokenize(components.tokenizer, prompts, device)).last_hidden_state
+    if not components.is_sdxl:
+        return hidden, None
+    # SDXL conditions on the penultimate layer of both encoders and the pooled projection of the second.
+    hidden_1 = components.text_encoder(
+        _tokenize(components.tokenizer, prompts, device), output_hidden_states=True
+    ).hidden_states[-2]
+    out_2 = components.text_encoder_2(
+        _tokenize(components.tokenizer_2, prompts, device), output_hidden_states=True
+    )
+    hidden = torch.cat([hidden_1, out_2.hidden_states[-2]], dim=-1)  # (B, L, D1 + D2)
+    size = components.resolution
+    # time ids: original size, crop top-left, target size (SDXL paper, Sec. 2.2)
+    time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=hidden.dtype, device=device)
+    added = {"text_embeds": out_2.text_embeds, "time_ids": time_ids.expand(len(prompts), 6)}
+    return hidden, added
+
+
+def repeat_condition(hidden: torch.Tensor, added: dict | None, times: int) -> tuple[torch.Tensor, dict | None]:
+    """Repeat a (B, ...) condition to (times·B, ...) in block order [all B, all B, ...]."""
+    hidden = hidden.repeat(times, *([1] * (hidden.dim() - 1)))
+    if added is not None:
+        added = {key: value.repeat(times, 1) for key, value in added.items()}
+    return hidden, added
+
+
+# ------------------------------------------------------------------------------------------------- latents
+
+
+@torch.no_grad()
+def encode_images(components: Components, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1], (B, 3, H, W) → model-space latents (B, C, h, w). Pixel-space models pass through."""
+    if components.vae is None:
+        return pixels
+    vae = components.vae
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
+    shift = vae.config.shift_factor or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(components: Components, latents: torch.Tensor) -> torch.Tensor:
+    """Model-space latents → pixels in [0, 1], (B, 3, H, W)."""
+    if components.vae is not None:
+        vae = components.vae
+        shift = vae.config.shift_factor or 0.0
+        latents = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+    return (latents.float().clamp(-1, 1) + 1) / 2
+
+
+# --------------------------------------------------------------------------------------------------- score
+
+
+def target_for(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict: ε, or the velocity v = α_t·ε − σ_t·x0 (Salimans & Ho 2202.00512)."""
+    if scheduler.config.prediction_type == "epsilon":
+        return noise
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    raise UserError(
+        f"scheduler prediction_type {scheduler.config.prediction_type!r} is not supported "
+        f"(accepted: {', '.join(PREDICTION_TYPES)})"
+    )
+
+
+def denoising_errors(
+    unet: UNet2DConditionModel,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    hidden: torch.Tensor,
+    added: dict | None = None,
+) -> torch.Tensor:
+    """Per-sample mean squared error of the UNet's prediction; (N, C, H, W) inputs → (N,) fp32."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)  # (N, C, H, W)
+    prediction = unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+    target = target_for(scheduler, latents, noise, timesteps)
+    return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (N,)
+
+
+def score(
+    unet: UNet2DConditionModel,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    hidden: torch.Tensor,
+    added: dict | None = None,
+) -> torch.Tensor:
+    """The log-likelihood surrogate s = −½ · e per sample (N,)."""
+    return -0.5 * denoising_errors(unet, scheduler, latents, noise, timesteps, hidden, added)
+
+
+# -------------------------------------------------------------------------------------------------- sample
+
+
+@torch.no_grad()
+def sample(
+    components: Components,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    unet: UNet2DConditionModel | None = None,
+    steps: int = 20,
+    guidance_scale: float = 1.5,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """DDIM (η = 0) samples with classifier-free guidance; pixels in [0, 1], (B, 3, H, W).
+
+    Each sample's starting noise comes from its own seed, so a (prompt, seed) pair gives the same image
+    whatever the batch it is drawn in — the before/after comparison is paired.
+    """
+    unet = unet or components.unet
+    device = unet.device
+    ddim = DDIMScheduler.from_config(components.scheduler.config)
+    channels, size = unet.config.in_channels, unet.config.sample_size
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk, chunk_seeds = prompts[start : start + batch_size], seeds[start : start + batch_size]
+        noise = torch.stack(
+            [torch.randn(channels, size, size, generator=torch.Generator().manual_seed(s)) for s in chunk_seeds]
+        ).to(device, unet.dtype)  # (b, C, h, w)
+        cond, added = encode_prompts(components, chunk)
+        uncond, added_uncond = encode_prompts(components, [""] * len(chunk))
+        hidden = torch.cat([uncond, cond])  # (2b, L, D)
+        if added is not None:
+            added = {key: torch.cat([added_uncond[key], added[key]]) for key in added}
+        ddim.set_timesteps(steps, device=device)
+        latents = noise * ddim.init_noise_sigma
+        for t in ddim.timesteps:
+            model_in = ddim.scale_model_input(torch.cat([latents, latents]), t)
+            out = unet(model_in, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+            out_uncond, out_cond = out.chunk(2)
+            guided = out_uncond + guidance_scale * (out_cond - out_uncond)
+            latents = ddim.step(guided, t, latents).prev_sample
+        images.append(decode_latents(components, latents))
+    return torch.cat(images)
+
+
+# ---------------------------------------------------------------------------------------- LoRA and export
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(
+    unet: UNet2DConditionModel, *, rank: int, alpha: float, dropout: float, target_modules: list[str]
+) -> list[torch.nn.Parameter]:
+    """Freeze the UNet and add a peft LoRA; returns the trainable parameters.
+
+    With the adapter disabled the UNet is exactly the base model, which is the reference of a LoRA run.
+    """
+    from peft import LoraConfig
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in unet.named_modules()} | {
+        ".".join(name.split(".")[-2:]) for name, _ in unet.named_modules()
+    }
+    missing = [m for m in target_modules if m not in present]
+    if missing:
+        raise UserError(f"`lora.target_modules` names modules the UNet does not have: {missing}")
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+                   target_modules=list(target_modules))
+    )
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def lora_layers(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The LoRA weights in diffusers' own key format."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def export(components: Components, unet: UNet2DConditionModel, out_dir: str, *, lora: bool) -> None:
+    """Write ``final/``: a diffusers LoRA (``pipeline.load_lora_weights(out_dir)``) or a full UNet folder."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if lora:
+        pipeline_class = StableDiffusionXLPipeline if components.is_sdxl else StableDiffusionPipeline
+        state = {key: value.detach().float().cpu().contiguous() for key, value in lora_layers(unet).items()}
+        pipeline_class.save_lora_weights(out_dir, unet_lora_layers=state, safe_serialization=True)
+    else:
+        unet.save_pretrained(out_dir, safe_serialization=True)
+
+
+def load_aligned(components: Components, final_dir: str) -> UNet2DConditionModel:
+    """The base UNet with ``final/`` applied: a LoRA loaded onto a copy, or the exported full UNet."""
+    import copy
+
+    if os.path.isfile(os.path.join(final_dir, LORA_WEIGHTS)):
+        unet = copy.deepcopy(components.unet)
+        unet.load_lora_adapter(final_dir, prefix="unet", weight_name=LORA_WEIGHTS, adapter_name="aligned")
+        return unet.eval()
+    if os.path.isfile(os.path.join(final_dir, "config.json")):
+        return UNet2DConditionModel.from_pretrained(final_dir, local_files_only=True).eval()
+    raise UserError(f"{final_dir} holds neither {LORA_WEIGHTS} nor a UNet (config.json); was it written by training?")

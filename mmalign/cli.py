@@ -1,0 +1,151 @@
+"""Command line: ``mmalign train | eval | toy | config``.
+
+Exit codes: 0 success, 2 bad input (one line per problem, naming the key / file / row), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+from mmalign.errors import UserError
+
+DEFAULT_CONFIG = "configs/quickstart.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmalign", description="Align generative models to preferences.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train from a config, then evaluate (and run the control)")
+    train.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+    evaluate = commands.add_parser("eval", help="sample base and output_dir/final on held-out prompts, score")
+    evaluate.add_argument("config")
+    evaluate.add_argument("overrides", nargs="*")
+    evaluate.add_argument("--final", action="append", default=None, metavar="NAME=DIR",
+                          help="models to compare with the base (default: aligned=OUTPUT_DIR/final and, if "
+                               "present, control=OUTPUT_DIR/control/final)")
+
+    config = commands.add_parser("config", help="print the resolved config, or every key with its meaning")
+    config.add_argument("config", nargs="?")
+    config.add_argument("overrides", nargs="*")
+
+    toy = commands.add_parser("toy", help="toy-world assets")
+    toy_commands = toy.add_subparsers(dest="toy_command", required=True)
+    base = toy_commands.add_parser("build-base", help="pretrain the toy text-to-image base model (≈10 min)")
+    base.add_argument("--out", default="assets/toy-t2i")
+    base.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as err:
+        for line in str(err).splitlines():
+            print(f"mmalign: error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmalign: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mmalign.config import describe, load_config, to_yaml
+
+    if args.command == "config":
+        if args.config is None:
+            print("\n".join(describe()))
+        else:
+            print(to_yaml(load_config(args.config, args.overrides)), end="")
+        return 0
+    if args.command == "toy":
+        from mmalign.toy.base_model import pretrain
+
+        pretrain(args.out, seed=args.seed)
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "train":
+        return _train(cfg)
+    return _eval(cfg, args.final)
+
+
+def _train(cfg) -> int:
+    from mmalign.recipes import preference
+
+    start = time.perf_counter()
+    if cfg.toy.enabled:
+        from mmalign.toy import assets
+
+        assets.ensure_base(cfg.model.path)
+        assets.ensure_pairs(cfg)
+    result = preference.train(cfg)
+    runs = {"aligned": result.output_dir}
+    if cfg.toy.enabled and cfg.toy.control:
+        control = _control_config(cfg)
+        preference.train(control)
+        runs["control"] = control.output_dir
+    if not _is_main_process():
+        return 0
+    print(f"trained {cfg.loss.name} for {cfg.optim.max_steps} steps; exported step {result.exported_step} "
+          f"-> {result.final_dir}")
+    if cfg.validation.every:
+        from mmalign.recipes.evaluate import plot_validation
+
+        plot_validation(os.path.join(cfg.output_dir, "samples", "reward_vs_step.png"), runs)
+    if cfg.eval.enabled:
+        _eval(cfg, [f"{name}={os.path.join(path, 'final')}" for name, path in runs.items()])
+    print(f"done in {time.perf_counter() - start:.0f} s; run directory: {cfg.output_dir}")
+    return 0
+
+
+def _control_config(cfg):
+    """Same base, same samples, same budget and selection — but the preference labels are thrown away."""
+    return dataclasses.replace(
+        cfg,
+        output_dir=os.path.join(cfg.output_dir, "control"),
+        loss=dataclasses.replace(cfg.loss, name="sft"),
+        data=dataclasses.replace(cfg.data, labels="random"),
+        eval=dataclasses.replace(cfg.eval, enabled=False),
+        toy=dataclasses.replace(cfg.toy, control=False),
+        checkpoint=dataclasses.replace(cfg.checkpoint, resume=None),
+    )
+
+
+def _eval(cfg, finals: list[str] | None) -> int:
+    from mmalign.recipes import evaluate
+
+    if finals is None:
+        finals = [f"aligned={os.path.join(cfg.output_dir, 'final')}"]
+        control = os.path.join(cfg.output_dir, "control", "final")
+        if os.path.isdir(control):
+            finals.append(f"control={control}")
+    final_dirs = {}
+    for item in finals:
+        name, sep, path = item.partition("=")
+        if not sep or not os.path.isdir(path):
+            raise UserError(f"--final {item!r} must be NAME=DIR with an existing folder written by training")
+        final_dirs[name] = path
+    summary = evaluate.evaluate_runs(
+        cfg.model.path, final_dirs, prompts_spec=cfg.eval.prompts, seeds_per_prompt=cfg.eval.seeds_per_prompt,
+        reward_name=cfg.eval.reward, steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale,
+        out_dir=cfg.output_dir, grid_prompts=cfg.eval.grid_prompts,
+    )
+    print(evaluate.format_table(summary, list(final_dirs)))
+    print(f"wrote {os.path.join(cfg.output_dir, 'eval.json')} and "
+          f"{os.path.join(cfg.output_dir, 'samples', 'before_after.png')}")
+    return 0
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Typed configuration: dataclasses are the schema, YAML files hold values, ``key.sub=value`` overrides.
+
+Loading is strict. Unknown keys, wrong types, out-of-range values and missing files are collected and
+reported together, each with its key path and where the value came from (the YAML file or the command
+line). OmegaConf does the YAML parsing and the merging of overrides; the checks here turn the merged tree
+into dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mmalign.errors import UserError
+
+
+def _spec(default, *, doc: str, gt=None, ge=None, le=None, lt=None, choices=None):
+    """A field with its documentation and the range it accepts."""
+    factory = isinstance(default, (list, dict))
+    metadata = {"doc": doc, "gt": gt, "ge": ge, "le": le, "lt": lt, "choices": choices}
+    if factory:
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelConfig:
+    path: str = _spec(
+        "assets/toy-t2i",
+        doc="Local diffusers pipeline folder (unet/, scheduler/, text_encoder/, tokenizer/, optional vae/).",
+    )
+    prediction_type: str | None = _spec(
+        None,
+        doc="Expected UNet target; checked against the scheduler config. null: take the scheduler's.",
+        choices=("epsilon", "v_prediction", None),
+    )
+    gradient_checkpointing: bool = _spec(False, doc="Recompute UNet activations in the backward pass.")
+    attention: str = _spec(
+        "sdpa", doc="Attention kernel: torch SDPA (default) or xformers (CUDA only).", choices=("sdpa", "xformers")
+    )
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _spec(True, doc="Train a LoRA (reference = adapter disabled); false: full fine-tuning.")
+    rank: int = _spec(8, doc="LoRA rank r.", gt=0)
+    alpha: float = _spec(8.0, doc="LoRA scale numerator (scale = alpha / rank).", gt=0)
+    dropout: float = _spec(0.0, doc="LoRA dropout.", ge=0, lt=1)
+    target_modules: list[str] = _spec(
+        ["to_q", "to_k", "to_v", "to_out.0"], doc="Module names that get a LoRA (attention projections)."
+    )
+
+
+@dataclass
+class DataConfig:
+    format: str = _spec("pickapic", doc="Pair source format.", choices=("pickapic", "hf_disk", "jsonl"))
+    path: str = _spec("runs/quickstart/data/pairs.parquet", doc="Parquet file/folder, dataset folder or JSONL.")
+    image_root: str | None = _spec(None, doc="JSONL only: folder the image paths are relative to.")
+    ties: str = _spec(
+        "drop", doc="Pairs with label_0 = 0.5: drop, or keep as soft labels.", choices=("drop", "keep")
+    )
+    resolution: int | None = _spec(None, doc="Training resolution in pixels; null: the model's own.", gt=0)
+    cache_latents: bool = _spec(True, doc="Decode and VAE-encode each image once, then reuse the latents.")
+    caption_dropout: float = _spec(
+        0.0, doc="Share of pairs whose caption is dropped (both members together). Paper: 0.2.", ge=0, le=1
+    )
+    labels: str = _spec(
+        "given",
+        doc="given: use the preference labels; random: ignore them (a random member is 'chosen'), for controls.",
+        choices=("given", "random"),
+    )
+
+
+@dataclass
+class LossConfig:
+    name: str = _spec(
+        "dpo",
+        doc="Preference loss; sft: plain denoising loss on the chosen member (baselines and controls).",
+        choices=("dpo", "ipo", "hinge", "robust", "bco_pair", "sft"),
+    )
+    beta: float = _spec(5000.0, doc="β. Diffusion-DPO's official value for SD 1.5 is 5000 (score = −½·error).", gt=0)
+    label_smoothing: float = _spec(0.0, doc="dpo: conservative-DPO label smoothing ε.", ge=0, lt=0.5)
+    label_noise: float = _spec(0.1, doc="robust: assumed label-flip rate ε.", ge=0, lt=0.5)
+
+
+@dataclass
+class OptimConfig:
+    max_steps: int = _spec(200, doc="Optimizer steps.", gt=0)
+    batch_size: int = _spec(32, doc="Pairs per process per micro-batch.", gt=0)
+    gradient_accumulation_steps: int = _spec(1, doc="Micro-batches per optimizer step.", gt=0)
+    lr: float = _spec(1e-3, doc="Peak learning rate.", gt=0)
+    lr_scheduler: str = _spec(
+        "constant",
+        doc="diffusers lr schedule name.",
+        choices=("constant", "constant_with_warmup", "linear", "cosine"),
+    )
+    warmup_steps: int = _spec(0, doc="Linear warm-up steps.", ge=0)
+    weight_decay: float = _spec(0.0, doc="AdamW weight decay.", ge=0)
+    adam_beta1: float = _spec(0.9, doc="AdamW β1.", ge=0, lt=1)
+    adam_beta2: float = _spec(0.999, doc="AdamW β2.", ge=0, lt=1)
+    max_grad_norm: float = _spec(1.0, doc="Gradient clipping norm; 0 disables clipping.", ge=0)
+    mixed_precision: str = _spec("no", doc="accelerate mixed precision.", choices=("no", "fp16", "bf16"))
+    seed: int = _spec(0, doc="Seed of data order, noise, timesteps and LoRA init.")
+
+
+@dataclass
+class LogConfig:
+    every: int = _spec(10, doc="Write metrics every N optimizer steps.", gt=0)
+    tensorboard: bool = _spec(True, doc="Also write TensorBoard event files under output_dir/tensorboard.")
+    progress: bool = _spec(True, doc="Show a tqdm progress bar.")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _spec(100, doc="Save a checkpoint every N optimizer steps (and at the end).", gt=0)
+    keep: int = _spec(2, doc="How many of the newest periodic checkpoints to keep.", gt=0)
+    resume: str | None = _spec(None, doc="null, 'latest', or a checkpoint folder to continue from.")
+
+
+@dataclass
+class ValidationConfig:
+    every: int = _spec(50, doc="Measure held-out reward every N steps; 0 disables.", ge=0)
+    prompts: str = _spec("val", doc="A toy split name or a text file of prompts; never the test prompts.")
+    seeds_per_prompt: int = _spec(4, doc="Samples per validation prompt.", gt=0)
+    keep_best: bool = _spec(True, doc="Export the checkpoint with the best validation reward, not the last.")
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = _spec(20, doc="DDIM steps.", gt=0)
+    guidance_scale: float = _spec(1.5, doc="Classifier-free guidance scale.", ge=1)
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = _spec(True, doc="Evaluate base vs aligned (and control) after training.")
+    reward: str = _spec("toy_shapes", doc="Reward model name.", choices=("toy_shapes",))
+    prompts: str = _spec("test", doc="A toy split name (test, val) or a text file with one prompt per line.")
+    seeds_per_prompt: int = _spec(8, doc="Samples per prompt; seeds are 1000 + k, the same for every model.", gt=0)
+    grid_prompts: int = _spec(8, doc="Prompts shown in the before/after grid.", gt=0)
+
+
+@dataclass
+class ToyConfig:
+    enabled: bool = _spec(True, doc="Build the toy world's missing assets (base model, pair data) first.")
+    samples_per_prompt: int = _spec(4, doc="Base samples per training prompt and seed group; best vs worst.", ge=2)
+    pairs_per_prompt: int = _spec(8, doc="Pairs built per training prompt.", gt=0)
+    control: bool = _spec(True, doc="Also train the no-label control (random member of each pair, same budget).")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _spec("runs/quickstart", doc="Run directory.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    toy: ToyConfig = field(default_factory=ToyConfig)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def load_config(path: str | None, overrides: list[str] = (), schema: type = TrainConfig):
+    """Read ``path`` (YAML), apply ``key.sub=value`` overrides, check everything, return the dataclass."""
+    tree, origin = {}, {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise UserError(f"config file {path!r} does not exist")
+        try:
+            loaded = OmegaConf.load(path)
+        except (yaml.YAMLError, OmegaConfBaseException) as err:
+            raise UserError(f"{path}: not valid YAML ({_first_line(err)})") from None
+        if not isinstance(OmegaConf.to_container(loaded), dict):
+            raise UserError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = OmegaConf.to_container(loaded)
+        _record_origin(tree, path, origin)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like key.sub=value")
+        try:
+            extra = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise UserError(f"override {item!r}: {_first_line(err)}") from None
+        _record_origin(extra, "command line", origin)
+        tree = OmegaConf.to_container(OmegaConf.merge(tree, extra))
+    errors: list[str] = []
+    config = _build(schema, tree, "", origin, errors)
+    if not errors and schema is TrainConfig:
+        errors.extend(_check_paths(config, origin))
+    if errors:
+        raise UserError("\n".join(errors))
+    return config
+
+
+def _check_paths(config: TrainConfig, origin: dict) -> list[str]:
+    """Inputs must exist, except those the toy world builds when they are missing."""
+    errors = []
+    wanted = [("model.path", config.model.path, os.path.isdir, "a pipeline folder")]
+    wanted.append(("data.path", config.data.path, os.path.exists, "an existing file or folder"))
+    if config.data.image_root is not None:
+        wanted.append(("data.image_root", config.data.image_root, os.path.isdir, "a folder"))
+    for key, value, exists, what in wanted:
+        if config.toy.enabled and key in ("model.path", "data.path"):
+            continue
+        if not exists(value):
+            errors.append(f"`{key}` must be {what}, got {value!r} ({origin.get(key, 'default')}): not found")
+    if config.checkpoint.resume not in (None, "latest") and not os.path.isdir(config.checkpoint.resume):
+        where = origin.get("checkpoint.resume", "config")
+        errors.append(
+            f"`checkpoint.resume` must be null, 'latest' or a checkpoint folder, got {config.checkpoint.resume!r} "
+            f"({where}): not found"
+        )
+    return errors
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _record_origin(tree: dict, source: str, origin: dict, prefix: str = "") -> None:
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        origin[path] = source
+        if isinstance(value, dict):
+            _record_origin(value, source, origin, path + ".")
+
+
+def _build(schema: type, values, prefix: str, origin: dict, errors: list[str]):
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    if not isinstance(values, dict):
+        where = origin.get(prefix.rstrip("."), "config")
+        errors.append(f"`{prefix.rstrip('.')}` must be a section (mapping), got {values!r} ({where})")
+        return schema()
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            errors.append(
+                f"unknown key `{path}` ({origin.get(path, 'config')}); accepted: {', '.join(sorted(fields))}"
+            )
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, path + ".", origin, errors)
+            continue
+        problem = _check_value(value, hint, fields[key].metadata)
+        if problem:
+            errors.append(f"`{path}` {problem}, got {value!r} ({origin.get(path, 'config')})")
+            continue
+        kwargs[key] = float(value) if hint is float and isinstance(value, int) else value
+    return schema(**kwargs)
+
+
+def _check_value(value, hint, meta) -> str | None:
+    """None when ``value`` fits the field; else what the field accepts."""
+    if not _fits_type(value, hint):
+        return f"must be {_type_name(hint)}"
+    if value is None:
+        return None
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        return "must be one of " + ", ".join("null" if c is None else str(c) for c in choices)
+    for bound, test, word in (("gt", float.__gt__, ">"), ("ge", float.__ge__, ">="), ("lt", float.__lt__, "<"),
+                              ("le", float.__le__, "<=")):
+        limit = meta.get(bound)
+        if limit is not None and not test(float(value), float(limit)):
+            return f"must be {word} {limit}"
+    return None
+
+
+def _fits_type(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits_type(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_fits_type(v, item) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(hint, hint.__name__)
+
+
+def to_yaml(config) -> str:
+    """The resolved config as YAML, for the run directory."""
+    return OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(config)))
+
+
+def describe(schema: type = TrainConfig, prefix: str = "") -> list[str]:
+    """One line per key with its default and documentation (``mmalign config --help``)."""
+    lines = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.extend(describe(hints[f.name], prefix + f.name + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{prefix}{f.name} = {default!r}  # {f.metadata.get('doc', '')}")
+    return lines

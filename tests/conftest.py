@@ -1,0 +1,94 @@
+"""Tiny instances of the real model classes, saved to disk and loaded back through the users' code path."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from mmalign.adapters import diffusion
+from mmalign.data.pickapic import write_pickapic_parquet
+
+WORDS = ["a", "red", "green", "blue", "circle", "square", "cat", "dog", "on", "the", "left", "right"]
+
+
+def word_tokenizer(max_length: int = 8) -> PreTrainedTokenizerFast:
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   model_max_length=max_length)
+
+
+def text_encoder(vocab_size: int, max_length: int = 8) -> CLIPTextModel:
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=max_length, pad_token_id=0,
+                            bos_token_id=0, eos_token_id=0)
+    return CLIPTextModel(config)
+
+
+def tiny_unet(in_channels: int, sample_size: int) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=in_channels, out_channels=in_channels, block_out_channels=(8, 16),
+        layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+    )
+
+
+def build_pipeline(path, *, vae: bool, prediction_type: str = "epsilon") -> str:
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer()
+    autoencoder = None
+    if vae:
+        autoencoder = AutoencoderKL(block_out_channels=[4, 8], norm_num_groups=2, latent_channels=4,
+                                    down_block_types=["DownEncoderBlock2D"] * 2,
+                                    up_block_types=["UpDecoderBlock2D"] * 2, sample_size=16)
+    unet = tiny_unet(4 if vae else 3, 8)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                              prediction_type=prediction_type)
+    components = diffusion.Components(unet, scheduler, text_encoder(len(WORDS) + 2), tokenizer, autoencoder)
+    diffusion.save_components(components, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def pixel_pipeline(tmp_path_factory) -> str:
+    """Pixel-space 8×8 text-to-image pipeline (the toy world's layout)."""
+    return build_pipeline(tmp_path_factory.mktemp("pixel") / "pipe", vae=False)
+
+
+@pytest.fixture(scope="session")
+def sd_pipeline(tmp_path_factory) -> str:
+    """Latent 16×16 pipeline with a real AutoencoderKL (the SD 1.x layout)."""
+    return build_pipeline(tmp_path_factory.mktemp("sd") / "pipe", vae=True)
+
+
+@pytest.fixture(scope="session")
+def v_pipeline(tmp_path_factory) -> str:
+    return build_pipeline(tmp_path_factory.mktemp("v") / "pipe", vae=False, prediction_type="v_prediction")
+
+
+def png(colour, size: int = 8) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), colour, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def pairs_parquet(tmp_path_factory) -> str:
+    """16 Pick-a-Pic rows: noisy coloured squares, winner in a random column."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(16):
+        caption = f"a {WORDS[1 + i % 3]} square"
+        a, b = (png(rng.integers(0, 256, 3).tolist()) for _ in range(2))
+        rows.append((caption, a, b, float(i % 2)))
+    path = tmp_path_factory.mktemp("data") / "pairs.parquet"
+    write_pickapic_parquet(str(path), rows)
+    return str(path)
