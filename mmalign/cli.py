@@ -138,6 +138,8 @@ def _eval(cfg, finals: list[str] | None) -> int:
         out_dir=cfg.output_dir, grid_prompts=cfg.eval.grid_prompts,
     )
     print(evaluate.format_table(summary, list(final_dirs)))
+    if "aligned" in final_dirs:
+        print(evaluate.format_checks(summary))
     print(f"wrote {os.path.join(cfg.output_dir, 'eval.json')} and "
           f"{os.path.join(cfg.output_dir, 'samples', 'before_after.png')}")
     return 0

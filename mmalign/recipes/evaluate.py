@@ -207,3 +207,22 @@ def evaluate_runs(
         json.dump(summary, f, indent=2)
     write_grid(os.path.join(out_dir, "samples", "before_after.png"), {"base": base, **others}, rows=grid_prompts)
     return summary
+
+
+def format_checks(summary: dict) -> str:
+    """The toy world's acceptance checks, as lines a reader can verify against the table."""
+    checks = []
+    if "aligned_error_rate" in summary and summary["base_error_rate"] > 0:
+        ratio = summary["aligned_error_rate"] / summary["base_error_rate"]
+        checks.append((f"mistake rate aligned / base = {ratio:.2f}", "≤ 0.60", ratio <= 0.6))
+    checks.append((f"win rate vs base = {summary['win_rate']:.3f}", "≥ 0.60", summary["win_rate"] >= 0.6))
+    z = summary["aligned_reward_gain_z"]
+    checks.append((f"reward gain = {summary['aligned_reward_gain']:+.4f} ({z:+.1f} clustered SE)", "≥ +3 SE", z >= 3))
+    if "control_win_rate" in summary:
+        control, control_z = summary["control_win_rate"], summary["control_reward_gain_z"]
+        checks.append((f"control vs base: win {control:.3f}, reward gain {control_z:+.1f} SE",
+                       "no better than base (gain ≤ +2 SE)", control_z <= 2))
+        gap = summary["win_rate"] - control
+        checks.append((f"aligned − control win rate = {gap:+.3f}", "≥ +0.10", gap >= 0.1))
+    width = max(len(text) for text, _, _ in checks)
+    return "\n".join(f"  [{'ok' if ok else 'MISS'}] {text:<{width}}  target {target}" for text, target, ok in checks)

@@ -1,0 +1,58 @@
+"""Evaluation statistics: clustered standard errors, paired win rates, the summary keys."""
+
+import math
+
+import torch
+
+from mmalign.recipes import evaluate
+
+
+def scored(rewards, prompts, mistakes=None) -> evaluate.Scored:
+    n = len(rewards)
+    return evaluate.Scored(prompts, list(range(n)), torch.tensor(rewards, dtype=torch.float64),
+                           None if mistakes is None else torch.tensor(mistakes), torch.zeros(n, 3, 2, 2))
+
+
+def test_clustered_mean_uses_per_prompt_means():
+    """Prompt a: 0.2, 0.4 → 0.3; prompt b: 0.8, 1.0 → 0.9. Mean 0.6; SE = std([0.3, 0.9]) / √2 = 0.3."""
+    mean, se = evaluate.clustered_mean(torch.tensor([0.2, 0.4, 0.8, 1.0], dtype=torch.float64), ["a", "a", "b", "b"])
+    assert math.isclose(mean, 0.6, abs_tol=1e-12)
+    assert math.isclose(se, math.sqrt(0.18) / math.sqrt(2), abs_tol=1e-12)
+
+
+def test_wins_count_ties_as_half():
+    w = evaluate.wins(torch.tensor([1.0, 0.5, 0.2]), torch.tensor([0.5, 0.5, 0.3]))
+    assert w.tolist() == [1.0, 0.5, 0.0]
+
+
+def test_prompt_seeds_are_shared_and_paired():
+    prompts, seeds = evaluate.prompt_seeds(["x", "y"], 3)
+    assert prompts == ["x", "x", "x", "y", "y", "y"]
+    assert seeds == [1000, 1001, 1002, 1000, 1001, 1002]
+
+
+def test_summary_has_design_keys_and_correct_numbers():
+    prompts = ["a", "a", "b", "b"]
+    base = scored([0.5, 0.5, 0.5, 0.5], prompts, [True, False, True, False])
+    aligned = scored([0.6, 0.4, 0.7, 0.6], prompts, [False, False, True, False])
+    control = scored([0.4, 0.5, 0.5, 0.4], prompts, [True, True, True, False])
+    s = evaluate.summarize(base, {"aligned": aligned, "control": control})
+    for key in ("base_reward_mean", "aligned_reward_mean", "win_rate", "num_samples", "control_win_rate",
+                "base_error_rate", "aligned_error_rate"):
+        assert key in s
+    assert s["num_samples"] == 4
+    assert math.isclose(s["aligned_reward_mean"], 0.575)
+    assert math.isclose(s["win_rate"], 0.75)  # 0.6 > 0.5, 0.4 < 0.5, 0.7 > 0.5, 0.6 > 0.5
+    assert math.isclose(s["control_win_rate"], 0.25)  # two losses and two ties
+    assert s["base_error_rate"] == 0.5 and s["aligned_error_rate"] == 0.25 and s["control_error_rate"] == 0.75
+
+
+def test_table_and_checks_render():
+    prompts = ["a", "a", "b", "b"]
+    base = scored([0.5] * 4, prompts, [True, False, True, False])
+    aligned = scored([0.6, 0.55, 0.7, 0.65], prompts, [False] * 4)
+    s = evaluate.summarize(base, {"aligned": aligned})
+    table = evaluate.format_table(s, ["aligned"])
+    assert "base" in table and "aligned" in table and "0.625" in table
+    checks = evaluate.format_checks(s)
+    assert "[ok] mistake rate aligned / base = 0.00" in checks
