@@ -81,7 +81,10 @@ class LatentCache:
         item = self.dataset[index]
         if index not in self._latents:
             pixels = torch.stack([item["chosen"], item["rejected"]])  # (2, 3, H, W)
-            chosen, rejected = diffusion.encode_images(self.components, pixels).float().cpu()
+            # a seeded draw from the VAE posterior, so a resumed run encodes exactly as the first one did
+            generator = torch.Generator(self.components.unet.device).manual_seed(index)
+            latents = diffusion.encode_images(self.components, pixels, generator=generator)
+            chosen, rejected = latents.float().cpu()
             if not self.enabled:
                 return item["caption"], chosen, rejected, item["label"]
             self._latents[index] = (chosen, rejected)
@@ -265,6 +268,13 @@ def train(cfg: TrainConfig) -> RunResult:
     writer = _tensorboard(out_dir) if (is_main and cfg.log.tensorboard) else None
     bar = tqdm(total=cfg.optim.max_steps, initial=start_step, desc=f"{cfg.loss.name} ({out_dir})",
                disable=not (is_main and cfg.log.progress), dynamic_ncols=True)
+
+    if validation is not None and start_step == 0 and is_main:
+        # step 0 is the base model itself: the line every later validation reward is judged against
+        reward = validation(components, unet)
+        val_history.append((0, reward))
+        _write_metrics(out_dir, {"step": 0, "val_reward": reward}, writer)
+        unet.train()
 
     window: dict[str, list[torch.Tensor]] = {}
     window_start = time.perf_counter()
