@@ -78,18 +78,19 @@ class LatentCache:
         self._latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, index: int) -> tuple[str, torch.Tensor, torch.Tensor, float]:
-        item = self.dataset[index]
+        record = self.dataset.records[index]
         if index not in self._latents:
+            item = self.dataset[index]  # decodes the two images
             pixels = torch.stack([item["chosen"], item["rejected"]])  # (2, 3, H, W)
             # a seeded draw from the VAE posterior, so a resumed run encodes exactly as the first one did
             generator = torch.Generator(self.components.unet.device).manual_seed(index)
             latents = diffusion.encode_images(self.components, pixels, generator=generator)
             chosen, rejected = latents.float().cpu()
             if not self.enabled:
-                return item["caption"], chosen, rejected, item["label"]
+                return record.caption, chosen, rejected, record.label
             self._latents[index] = (chosen, rejected)
         chosen, rejected = self._latents[index]
-        return item["caption"], chosen, rejected, item["label"]
+        return record.caption, chosen, rejected, record.label
 
 
 def build_batch(stream: PairStream, cache: LatentCache, positions: list[int], cfg: TrainConfig, device):
