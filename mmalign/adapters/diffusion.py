@@ -18,6 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 
+import diffusers
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
@@ -101,8 +102,10 @@ def save_components(components: Components, path: str, *, unet: UNet2DConditionM
 
 
 def _model_index(components: Components) -> dict:
+    """diffusers' ``model_index.json``; the SD layout (with a VAE) loads with ``DiffusionPipeline.from_pretrained``."""
     index = {
         "_class_name": "StableDiffusionXLPipeline" if components.is_sdxl else "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
         "unet": ["diffusers", "UNet2DConditionModel"],
         "scheduler": ["diffusers", type(components.scheduler).__name__],
         "text_encoder": ["transformers", type(components.text_encoder).__name__],
@@ -113,6 +116,11 @@ def _model_index(components: Components) -> dict:
     if components.is_sdxl:
         index["text_encoder_2"] = ["transformers", type(components.text_encoder_2).__name__]
         index["tokenizer_2"] = ["transformers", type(components.tokenizer_2).__name__]
+    else:
+        # No safety checker is shipped: the pipeline loads without one instead of asking for its weights.
+        index.update(
+            {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+        )
     return index
 
 
@@ -130,13 +138,11 @@ def _tokenize(tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: to
 def encode_prompts(components: Components, prompts: list[str]) -> tuple[torch.Tensor, dict | None]:
     """Text condition for the UNet: (B, L, D) hidden states, plus SDXL's pooled embeds and time ids."""
     device = components.text_encoder.device
-    hidden = components.text_encoder(_tokenize(components.tokenizer, prompts, device)).last_hidden_state
+    ids = _tokenize(components.tokenizer, prompts, device)  # (B, L)
     if not components.is_sdxl:
-        return hidden, None
+        return components.text_encoder(ids).last_hidden_state, None  # (B, L, D)
     # SDXL conditions on the penultimate layer of both encoders and the pooled projection of the second.
-    hidden_1 = components.text_encoder(
-        _tokenize(components.tokenizer, prompts, device), output_hidden_states=True
-    ).hidden_states[-2]
+    hidden_1 = components.text_encoder(ids, output_hidden_states=True).hidden_states[-2]  # (B, L, D1)
     out_2 = components.text_encoder_2(
         _tokenize(components.tokenizer_2, prompts, device), output_hidden_states=True
     )
@@ -313,7 +319,12 @@ def export(components: Components, unet: UNet2DConditionModel, out_dir: str, *, 
     if lora:
         pipeline_class = StableDiffusionXLPipeline if components.is_sdxl else StableDiffusionPipeline
         state = {key: value.detach().float().cpu().contiguous() for key, value in lora_layers(unet).items()}
-        pipeline_class.save_lora_weights(out_dir, unet_lora_layers=state, safe_serialization=True)
+        # The LoraConfig travels in the file's metadata: without it diffusers' loader assumes alpha = rank,
+        # and a LoRA trained with alpha != rank would load with the wrong scale.
+        pipeline_class.save_lora_weights(
+            out_dir, unet_lora_layers=state, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            safe_serialization=True,
+        )
     else:
         unet.save_pretrained(out_dir, safe_serialization=True)
 

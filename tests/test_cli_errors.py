@@ -1,0 +1,199 @@
+"""Bad input ends with exit code 2 and one line per problem that names the key / file / row, the value and
+what is accepted; no traceback. Every case goes through ``mmalign.cli.main`` in-process, as a user's
+``mmalign train config.yaml key=value`` would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import build_pipeline, png
+
+from mmalign.cli import main
+from mmalign.data.pickapic import write_pickapic_parquet
+
+QUICK = [
+    "toy.enabled=false",
+    "validation.every=0",
+    "eval.enabled=false",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "optim.max_steps=1",
+    "optim.batch_size=2",
+]
+
+
+@pytest.fixture
+def config_file(tmp_path, pixel_pipeline, pairs_parquet) -> str:
+    """A good config: the tiny pixel pipeline and 16 Pick-a-Pic pairs."""
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"output_dir: {tmp_path / 'run'}\n"
+        f"model:\n  path: {pixel_pipeline}\n"
+        f"data:\n  format: pickapic\n  path: {pairs_parquet}\n"
+        "loss:\n  name: dpo\n  beta: 5000\n"
+    )
+    return str(path)
+
+
+def run(capsys, *argv: str) -> tuple[int, list[str]]:
+    """Exit code and the "mmalign: error:" lines; a traceback on stderr fails the test."""
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return code, [line for line in err.splitlines() if line.startswith("mmalign: error:")]
+
+
+def one_error(capsys, *argv: str) -> str:
+    code, lines = run(capsys, *argv)
+    assert code == 2, lines
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def train(config: str, *overrides: str) -> list[str]:
+    return ["train", config, *QUICK, *overrides]
+
+
+# -------------------------------------------------------------------------------------------- config
+
+
+def test_unknown_key_in_the_yaml_file(capsys, tmp_path, config_file):
+    with open(config_file, "a") as f:
+        f.write("optim:\n  lrr: 0.1\n")
+    line = one_error(capsys, *train(config_file))
+    assert "`optim.lrr`" in line and config_file in line
+    assert "accepted:" in line and "lr" in line.split("accepted:")[1]
+
+
+def test_unknown_key_on_the_command_line(capsys, config_file):
+    line = one_error(capsys, *train(config_file, "optim.lrr=0.1"))
+    assert "`optim.lrr`" in line and "command line" in line and "accepted:" in line
+
+
+def test_unknown_section(capsys, config_file):
+    line = one_error(capsys, *train(config_file, "optimizer.lr=0.1"))
+    assert "`optimizer`" in line and "command line" in line and "optim" in line.split("accepted:")[1]
+
+
+def test_wrong_type(capsys, config_file):
+    line = one_error(capsys, *train(config_file, "optim.lr=abc"))
+    assert "`optim.lr`" in line and "must be a number" in line and "'abc'" in line and "command line" in line
+
+
+def test_every_error_is_reported_at_once(capsys, tmp_path, config_file):
+    with open(config_file, "a") as f:
+        f.write("log:\n  every: often\n")
+    code, lines = run(
+        capsys, *train(config_file, "optim.lr=abc", "optim.batch_size=two", "loss.nmae=dpo", "lora.rank=0")
+    )
+    assert code == 2
+    assert len(lines) == 5, lines
+    expected = {
+        "`log.every`": ("must be an integer", "'often'", config_file),
+        "`optim.lr`": ("must be a number", "'abc'", "command line"),
+        "`optim.batch_size`": ("must be an integer", "'two'", "command line"),
+        "`loss.nmae`": ("unknown key", "accepted:", "command line"),
+        "`lora.rank`": ("must be > 0", "got 0", "command line"),
+    }
+    for key, fragments in expected.items():
+        (line,) = [line for line in lines if key in line]
+        assert all(fragment in line for fragment in fragments), line
+
+
+@pytest.mark.parametrize("beta", ["0", "-1"])
+def test_beta_must_be_positive(capsys, config_file, beta):
+    line = one_error(capsys, *train(config_file, f"loss.beta={beta}"))
+    assert "`loss.beta` must be > 0" in line and f"got {beta}" in line and "command line" in line
+
+
+def test_missing_config_file(capsys, tmp_path):
+    missing = str(tmp_path / "nope.yaml")
+    line = one_error(capsys, "train", missing)
+    assert missing in line and "does not exist" in line
+
+
+def test_override_without_equals_sign(capsys, config_file):
+    line = one_error(capsys, *train(config_file, "optim.lr"))
+    assert "'optim.lr'" in line and "key.sub=value" in line
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def test_missing_model_path(capsys, tmp_path, config_file):
+    line = one_error(capsys, *train(config_file, "model.path=/nonexistent"))
+    assert "`model.path`" in line and "'/nonexistent'" in line and "pipeline folder" in line
+    assert not os.path.exists(tmp_path / "run"), "a config error must stop before anything is written"
+
+
+def test_model_folder_without_unet(capsys, tmp_path, config_file):
+    broken = build_pipeline(tmp_path / "pipe", vae=False)
+    os.rename(os.path.join(broken, "unet"), os.path.join(broken, "unet.old"))
+    line = one_error(capsys, *train(config_file, f"model.path={broken}"))
+    assert broken in line and "'unet/'" in line
+
+
+@pytest.mark.parametrize(
+    ("expected", "fixture", "actual"),
+    [("v_prediction", "pixel_pipeline", "epsilon"), ("epsilon", "v_pipeline", "v_prediction")],
+)
+def test_prediction_type_mismatch(capsys, request, config_file, expected, fixture, actual):
+    pipeline = request.getfixturevalue(fixture)
+    line = one_error(
+        capsys, *train(config_file, f"model.path={pipeline}", f"model.prediction_type={expected}")
+    )
+    assert "model.prediction_type" in line and f"'{expected}'" in line and f"'{actual}'" in line
+    assert pipeline in line
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def test_parquet_without_the_label_column(capsys, tmp_path, config_file):
+    path = str(tmp_path / "no_label.parquet")
+    table = pa.table({"caption": ["a red square"], "jpg_0": [png([255, 0, 0])], "jpg_1": [png([0, 0, 255])]})
+    pq.write_table(table, path)
+    line = one_error(capsys, *train(config_file, f"data.path={path}"))
+    assert path in line and "'label_0'" in line and "needs caption, jpg_0, jpg_1, label_0" in line
+
+
+def test_unreadable_image_names_its_row(capsys, tmp_path, config_file):
+    path = str(tmp_path / "bad_image.parquet")
+    rows = [(f"a red square {i}", png([10 * i, 0, 0]), png([0, 0, 10 * i]), 1.0) for i in range(5)]
+    rows[3] = (rows[3][0], rows[3][1], b"\x89PNG\r\n\x1a\n truncated", 1.0)
+    write_pickapic_parquet(path, rows)
+    line = one_error(capsys, *train(config_file, f"data.path={path}"))
+    assert f"{path} row 3: column jpg_1" in line and "not a readable image" in line
+
+
+def test_jsonl_image_path_escaping_the_dataset_root(capsys, tmp_path, config_file):
+    root = tmp_path / "dataset"
+    root.mkdir()
+    (root / "a.png").write_bytes(png([255, 0, 0]))
+    (tmp_path / "outside.png").write_bytes(png([0, 0, 255]))
+    lines = [
+        {"caption": "a red square", "chosen": "a.png", "rejected": "a.png"},
+        {"caption": "a blue square", "chosen": "a.png", "rejected": "../outside.png"},
+    ]
+    jsonl = root / "pairs.jsonl"
+    jsonl.write_text("".join(json.dumps(entry) + "\n" for entry in lines))
+    line = one_error(capsys, *train(config_file, "data.format=jsonl", f"data.path={jsonl}"))
+    assert f"{jsonl} line 2: key rejected" in line and "'../outside.png'" in line
+    assert "escapes the dataset root" in line and str(root) in line
+
+
+# ------------------------------------------------------------------------------------------- good run
+
+
+def test_good_tiny_run_exits_zero(capsys, tmp_path, config_file):
+    code, lines = run(capsys, *train(config_file, "checkpoint.every=1"))
+    assert code == 0 and lines == []
+    final = tmp_path / "run" / "final"
+    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 1 and rows[-1]["loss"] == pytest.approx(0.693147, abs=1e-4)
