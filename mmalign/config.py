@@ -199,8 +199,9 @@ def load_config(path: str | None, overrides: list[str] = (), schema: type = Trai
         tree = OmegaConf.to_container(OmegaConf.merge(tree, extra))
     errors: list[str] = []
     config = _build(schema, tree, "", origin, errors)
-    if not errors and schema is TrainConfig:
-        errors.extend(_check_paths(config, origin))
+    if schema is TrainConfig:
+        reported = " ".join(errors)
+        errors.extend(e for e in _check_paths(config, origin) if e.split(" ", 1)[0] not in reported)
     if errors:
         raise UserError("\n".join(errors))
     return config

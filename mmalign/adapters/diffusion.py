@@ -166,12 +166,14 @@ def repeat_condition(hidden: torch.Tensor, added: dict | None, times: int) -> tu
 
 
 @torch.no_grad()
-def encode_images(components: Components, pixels: torch.Tensor) -> torch.Tensor:
+def encode_images(
+    components: Components, pixels: torch.Tensor, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Pixels in [-1, 1], (B, 3, H, W) → model-space latents (B, C, h, w). Pixel-space models pass through."""
     if components.vae is None:
         return pixels
     vae = components.vae
-    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator)
     shift = vae.config.shift_factor or 0.0
     return (latents - shift) * vae.config.scaling_factor
 

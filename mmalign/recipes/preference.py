@@ -200,10 +200,6 @@ def train(cfg: TrainConfig) -> RunResult:
     )
     out_dir, ckpt_dir = cfg.output_dir, os.path.join(cfg.output_dir, "checkpoints")
     is_main = accelerator.is_main_process
-    if is_main:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-            f.write(to_yaml(cfg))
 
     # 2. model: policy and reference -----------------------------------------------------------------------
     components = diffusion.load_components(cfg.model.path)
@@ -237,6 +233,11 @@ def train(cfg: TrainConfig) -> RunResult:
         raise UserError(f"`data.path` {cfg.data.path}: no preference pairs left (ties={cfg.data.ties})")
     validate_images(records)
     dataset = PairDataset(records, resolution=cfg.data.resolution or components.resolution)
+    if is_main:
+        # written only once model and data passed their checks, so a bad rerun never clobbers a good run
+        os.makedirs(ckpt_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
     cache = LatentCache(dataset, components, cfg.data.cache_latents)
     stream = PairStream(len(dataset), cfg.optim.seed, components.scheduler.config.num_train_timesteps)
     world, rank = accelerator.num_processes, accelerator.process_index
