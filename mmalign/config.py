@@ -151,7 +151,7 @@ class EvalConfig:
 class ToyConfig:
     enabled: bool = _spec(True, doc="Build the toy world's missing assets (base model, pair data) first.")
     samples_per_prompt: int = _spec(4, doc="Base samples per training prompt and seed group; best vs worst.", ge=2)
-    pairs_per_prompt: int = _spec(8, doc="Pairs built per training prompt.", gt=0)
+    pairs_per_prompt: int = _spec(2, doc="Pairs built per training prompt.", gt=0)
     control: bool = _spec(True, doc="Also train the no-label control (random member of each pair, same budget).")
 
 
