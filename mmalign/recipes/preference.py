@@ -144,8 +144,9 @@ def preference_step(model, unet, frozen, components, batch, cfg: TrainConfig) ->
     noise = batch["noise"].repeat(2, 1, 1, 1)  # (2B, C, H, W)
     timesteps = batch["timesteps"].repeat(2)  # (2B,)
     hidden2, added2 = diffusion.repeat_condition(hidden, added, 2)
-    policy = diffusion.denoising_errors(model, scheduler, latents, noise, timesteps, hidden2, added2)  # (2B,)
+    # The reference runs first, so its activations are freed before the policy's are held for backward.
     ref = reference_errors(unet, frozen, scheduler, latents, noise, timesteps, hidden2, added2)  # (2B,)
+    policy = diffusion.denoising_errors(model, scheduler, latents, noise, timesteps, hidden2, added2)  # (2B,)
     # score s = −½ · error (the Diffusion-DPO surrogate of the log-likelihood)
     pw, pl, rw, rl = (-0.5 * policy[:size], -0.5 * policy[size:], -0.5 * ref[:size], -0.5 * ref[size:])
     loss_fn, options = get_loss(cfg.loss.name), _loss_options(cfg)
