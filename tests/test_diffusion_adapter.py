@@ -145,7 +145,7 @@ def test_pair_members_and_reference_share_timestep_noise_and_caption(
         recorder.remove()
 
     assert len(recorder.calls) == 2, "one policy and one reference forward over both members"
-    policy, reference = recorder.calls
+    reference, policy = recorder.calls  # the reference runs first, so its activations are freed early
     if mode == "lora":
         assert policy["lora_active"] is True and reference["lora_active"] is False
     x0 = torch.cat([batch["chosen"], batch["rejected"]])  # (2B, C, H, W)
