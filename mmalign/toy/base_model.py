@@ -74,18 +74,32 @@ def build_untrained(seed: int = 0) -> Components:
         sample_size=shapes.SIZE,
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64),
+        # Down to 2×2: there zero padding tells every cell which quadrant it is, so cross-attention can put
+        # "on the left" where the left is; a 3-level (…, 4×4) UNet of this size never learnt position.
+        down_block_types=(
+            "DownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+        ),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 48, 48, 64),
         layers_per_block=1,
         norm_num_groups=8,
         cross_attention_dim=TEXT_DIM,
+        # A pooled text embedding added to the timestep embedding (as DeepFloyd IF's pixel-space UNet does)
+        # gives every block the caption's global attributes; cross-attention alone left colour unused.
+        addition_embed_type="text",
+        addition_embed_type_num_heads=4,
         attention_head_dim=4,  # diffusers' legacy name: the number of heads
     )
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
-        prediction_type="epsilon",
+        # v-prediction: at high noise the target is ≈ −x0, so the steps that decide colour and layout carry
+        # a real training signal (Salimans & Ho, arXiv 2202.00512); ε-prediction left them near zero loss
+        # and the base ignored colour and position words when sampling.
+        prediction_type="v_prediction",
         clip_sample=False,
     )
     return Components(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
@@ -111,20 +125,25 @@ def pretrain(
     *,
     seed: int = 0,
     wrong_colour_share: float = 0.3,
-    steps: int = 2400,
+    steps: int = 3000,
     batch_size: int = 32,
     lr: float = 2e-3,
     constant_share: float = 0.6,
     ema_decay: float = 0.999,
     caption_dropout: float = 0.1,
+    train_text_encoder: bool = False,
     threads: int = 1,
     log_every: int = 100,
 ) -> dict:
     """Pretrain the toy base on the shapes world and save its EMA weights (fp16) to ``out_dir``.
 
-    ε-MSE at uniform timesteps, fresh renders every step, captions dropped to "" with probability
+    v-prediction MSE at uniform timesteps, fresh renders every step, captions dropped to "" with probability
     ``caption_dropout`` so classifier-free guidance works; AdamW at ``lr`` for ``constant_share`` of the steps,
     then cosine decay to 0. Returns the training metrics.
+
+    The text encoder stays at its seeded random initialisation unless ``train_text_encoder``: trained jointly
+    (same recipe), it collapsed "left" / "right" — and, in a second run, the colour words — onto nearly the same
+    embedding early on, after which the UNet could not learn them; a random encoder keeps every word distinct.
     """
     # 1. setup: seeds, threads, model, optimiser, EMA copies
     torch.manual_seed(seed)
@@ -133,8 +152,8 @@ def pretrain(
     components = build_untrained(seed)
     unet, text_encoder, scheduler = components.unet, components.text_encoder, components.scheduler
     unet.train()
-    text_encoder.train()
-    params = [*unet.parameters(), *text_encoder.parameters()]
+    text_encoder.train(train_text_encoder).requires_grad_(train_text_encoder)
+    params = [*unet.parameters(), *text_encoder.parameters()] if train_text_encoder else [*unet.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     history, window, start = [], [], time.time()
@@ -151,7 +170,7 @@ def pretrain(
         ).input_ids  # (B, L)
         noise = torch.randn_like(pixels)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
-        # 3. loss: ε-MSE through text encoder and UNet
+        # 3. loss: denoising MSE (v target) of the UNet under the frozen text encoder
         hidden = text_encoder(ids).last_hidden_state  # (B, L, D)
         loss = denoising_errors(unet, scheduler, pixels, noise, timesteps, hidden).mean()
         # 4. step with the scheduled learning rate, then the EMA
@@ -193,6 +212,7 @@ def pretrain(
         "constant_share": constant_share,
         "ema_decay": ema_decay,
         "caption_dropout": caption_dropout,
+        "train_text_encoder": train_text_encoder,
         "wrong_colour_share": wrong_colour_share,
         "threads": threads,
         "unet_parameters": sum(p.numel() for p in unet.parameters()),
