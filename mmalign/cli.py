@@ -66,9 +66,10 @@ def _run(args: argparse.Namespace) -> int:
             print(to_yaml(load_config(args.config, args.overrides)), end="")
         return 0
     if args.command == "toy":
-        from mmalign.toy.base_model import pretrain
+        from mmalign.toy import base_model
 
-        pretrain(args.out, seed=args.seed)
+        # the same entry point as `python -m mmalign.toy.base_model`, so both reproduce the shipped asset
+        base_model.main(["--out", args.out, "--seed", str(args.seed)])
         return 0
     cfg = load_config(args.config, args.overrides)
     if args.command == "train":

@@ -22,10 +22,10 @@ PAIR_FIRST_SEED = 100_000  # far from the evaluation (1000+) and validation (200
 def ensure_base(model_path: str, log=print) -> None:
     if os.path.isdir(os.path.join(model_path, "unet")):
         return
-    from mmalign.toy.base_model import pretrain
+    from mmalign.toy import base_model
 
-    log(f"toy base model missing at {model_path}: pretraining it (about 10 minutes on 2 CPU cores)")
-    pretrain(model_path, seed=0)
+    log(f"toy base model missing at {model_path}: pretraining it (about 10 minutes on a CPU)")
+    base_model.main(["--out", model_path, "--seed", "0"])
 
 
 def ensure_pairs(cfg: TrainConfig, log=print) -> None:

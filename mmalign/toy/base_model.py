@@ -125,7 +125,7 @@ def pretrain(
     *,
     seed: int = 0,
     wrong_colour_share: float = 0.3,
-    steps: int = 3000,
+    steps: int = 2400,
     batch_size: int = 32,
     lr: float = 2e-3,
     constant_share: float = 0.6,
