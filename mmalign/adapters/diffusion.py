@@ -307,11 +307,15 @@ def add_lora(
 
 
 def lora_layers(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """The LoRA weights in diffusers' own key format."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The LoRA weights in peft's key format (``…lora_A.weight``), which diffusers' loaders read as they are.
+
+    diffusers' ``convert_state_dict_to_diffusers`` is not applied: it renames ``q_proj`` / ``k_proj`` /
+    ``v_proj`` (text-encoder style) layers to an older layout that ``load_lora_weights`` then maps back wrongly
+    for a UNet, so such a LoRA would reload with part of its weights missing.
+    """
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return get_peft_model_state_dict(unet)
 
 
 def export(components: Components, unet: UNet2DConditionModel, out_dir: str, *, lora: bool) -> None:
