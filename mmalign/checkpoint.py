@@ -62,7 +62,9 @@ def load_weights(folder: str, module: torch.nn.Module) -> None:
     params = dict(module.named_parameters())
     unknown = sorted(set(saved) - set(params))
     if unknown:
-        raise UserError(f"{folder}: checkpoint has parameters this model lacks, e.g. {unknown[0]!r} (other LoRA config?)")
+        raise UserError(
+            f"{folder}: checkpoint has parameters this model lacks, e.g. {unknown[0]!r} (other LoRA config?)"
+        )
     with torch.no_grad():
         for name, value in saved.items():
             params[name].copy_(value)
@@ -76,7 +78,9 @@ def load(folder: str, *, module: torch.nn.Module, optimizer: torch.optim.Optimiz
     load_weights(folder, module)
     with open(os.path.join(folder, "optimizer.json")) as f:
         meta = json.load(f)
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(os.path.join(folder, "optimizer.safetensors")), meta))
+    optimizer.load_state_dict(
+        _unflatten_optimizer(load_file(os.path.join(folder, "optimizer.safetensors")), meta)
+    )
     with open(os.path.join(folder, "state.json")) as f:
         return json.load(f)
 

@@ -27,9 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="sample base and output_dir/final on held-out prompts, score")
     evaluate.add_argument("config")
     evaluate.add_argument("overrides", nargs="*")
-    evaluate.add_argument("--final", action="append", default=None, metavar="NAME=DIR",
-                          help="models to compare with the base (default: aligned=OUTPUT_DIR/final and, if "
-                               "present, control=OUTPUT_DIR/control/final)")
+    evaluate.add_argument(
+        "--final",
+        action="append",
+        default=None,
+        metavar="NAME=DIR",
+        help="models to compare with the base (default: aligned=OUTPUT_DIR/final and, if "
+        "present, control=OUTPUT_DIR/control/final)",
+    )
 
     config = commands.add_parser("config", help="print the resolved config, or every key with its meaning")
     config.add_argument("config", nargs="?")
@@ -94,8 +99,10 @@ def _train(cfg) -> int:
         runs["control"] = control.output_dir
     if not _is_main_process():
         return 0
-    print(f"trained {cfg.loss.name} for {cfg.optim.max_steps} steps; exported step {result.exported_step} "
-          f"-> {result.final_dir}")
+    print(
+        f"trained {cfg.loss.name} for {cfg.optim.max_steps} steps; exported step {result.exported_step} "
+        f"-> {result.final_dir}"
+    )
     if cfg.validation.every:
         from mmalign.recipes.evaluate import plot_validation
 
@@ -134,15 +141,23 @@ def _eval(cfg, finals: list[str] | None) -> int:
             raise UserError(f"--final {item!r} must be NAME=DIR with an existing folder written by training")
         final_dirs[name] = path
     summary = evaluate.evaluate_runs(
-        cfg.model.path, final_dirs, prompts_spec=cfg.eval.prompts, seeds_per_prompt=cfg.eval.seeds_per_prompt,
-        reward_name=cfg.eval.reward, steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale,
-        out_dir=cfg.output_dir, grid_prompts=cfg.eval.grid_prompts,
+        cfg.model.path,
+        final_dirs,
+        prompts_spec=cfg.eval.prompts,
+        seeds_per_prompt=cfg.eval.seeds_per_prompt,
+        reward_name=cfg.eval.reward,
+        steps=cfg.sampling.steps,
+        guidance_scale=cfg.sampling.guidance_scale,
+        out_dir=cfg.output_dir,
+        grid_prompts=cfg.eval.grid_prompts,
     )
     print(evaluate.format_table(summary, list(final_dirs)))
     if "aligned" in final_dirs:
         print(evaluate.format_checks(summary))
-    print(f"wrote {os.path.join(cfg.output_dir, 'eval.json')} and "
-          f"{os.path.join(cfg.output_dir, 'samples', 'before_after.png')}")
+    print(
+        f"wrote {os.path.join(cfg.output_dir, 'eval.json')} and "
+        f"{os.path.join(cfg.output_dir, 'samples', 'before_after.png')}"
+    )
     return 0
 
 

@@ -43,7 +43,9 @@ class ModelConfig:
     )
     gradient_checkpointing: bool = _spec(False, doc="Recompute UNet activations in the backward pass.")
     attention: str = _spec(
-        "sdpa", doc="Attention kernel: torch SDPA (default) or xformers (CUDA only).", choices=("sdpa", "xformers")
+        "sdpa",
+        doc="Attention kernel: torch SDPA (default) or xformers (CUDA only).",
+        choices=("sdpa", "xformers"),
     )
 
 
@@ -61,7 +63,9 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     format: str = _spec("pickapic", doc="Pair source format.", choices=("pickapic", "hf_disk", "jsonl"))
-    path: str = _spec("runs/quickstart/data/pairs.parquet", doc="Parquet file/folder, dataset folder or JSONL.")
+    path: str = _spec(
+        "runs/quickstart/data/pairs.parquet", doc="Parquet file/folder, dataset folder or JSONL."
+    )
     image_root: str | None = _spec(None, doc="JSONL only: folder the image paths are relative to.")
     ties: str = _spec(
         "drop", doc="Pairs with label_0 = 0.5: drop, or keep as soft labels.", choices=("drop", "keep")
@@ -85,7 +89,9 @@ class LossConfig:
         doc="Preference loss; sft: plain denoising loss on the chosen member (baselines and controls).",
         choices=("dpo", "ipo", "hinge", "robust", "bco_pair", "sft"),
     )
-    beta: float = _spec(5000.0, doc="β. Diffusion-DPO's official value for SD 1.5 is 5000 (score = −½·error).", gt=0)
+    beta: float = _spec(
+        5000.0, doc="β. Diffusion-DPO's official value for SD 1.5 is 5000 (score = −½·error).", gt=0
+    )
     label_smoothing: float = _spec(0.0, doc="dpo: conservative-DPO label smoothing ε.", ge=0, lt=0.5)
     label_noise: float = _spec(0.1, doc="robust: assumed label-flip rate ε.", ge=0, lt=0.5)
 
@@ -143,16 +149,22 @@ class EvalConfig:
     enabled: bool = _spec(True, doc="Evaluate base vs aligned (and control) after training.")
     reward: str = _spec("toy_shapes", doc="Reward model name.", choices=("toy_shapes",))
     prompts: str = _spec("test", doc="A toy split name (test, val) or a text file with one prompt per line.")
-    seeds_per_prompt: int = _spec(8, doc="Samples per prompt; seeds are 1000 + k, the same for every model.", gt=0)
+    seeds_per_prompt: int = _spec(
+        8, doc="Samples per prompt; seeds are 1000 + k, the same for every model.", gt=0
+    )
     grid_prompts: int = _spec(8, doc="Prompts shown in the before/after grid.", gt=0)
 
 
 @dataclass
 class ToyConfig:
     enabled: bool = _spec(True, doc="Build the toy world's missing assets (base model, pair data) first.")
-    samples_per_prompt: int = _spec(4, doc="Base samples per training prompt and seed group; best vs worst.", ge=2)
+    samples_per_prompt: int = _spec(
+        4, doc="Base samples per training prompt and seed group; best vs worst.", ge=2
+    )
     pairs_per_prompt: int = _spec(2, doc="Pairs built per training prompt.", gt=0)
-    control: bool = _spec(True, doc="Also train the no-label control (random member of each pair, same budget).")
+    control: bool = _spec(
+        True, doc="Also train the no-label control (random member of each pair, same budget)."
+    )
 
 
 @dataclass
@@ -185,7 +197,9 @@ def load_config(path: str | None, overrides: list[str] = (), schema: type = Trai
         except (yaml.YAMLError, OmegaConfBaseException) as err:
             raise UserError(f"{path}: not valid YAML ({_first_line(err)})") from None
         if not isinstance(OmegaConf.to_container(loaded), dict):
-            raise UserError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+            raise UserError(
+                f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}"
+            )
         tree = OmegaConf.to_container(loaded)
         _record_origin(tree, path, origin)
     for item in overrides:
@@ -276,8 +290,12 @@ def _check_value(value, hint, meta) -> str | None:
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         return "must be one of " + ", ".join("null" if c is None else str(c) for c in choices)
-    for bound, test, word in (("gt", float.__gt__, ">"), ("ge", float.__ge__, ">="), ("lt", float.__lt__, "<"),
-                              ("le", float.__le__, "<=")):
+    for bound, test, word in (
+        ("gt", float.__gt__, ">"),
+        ("ge", float.__ge__, ">="),
+        ("lt", float.__lt__, "<"),
+        ("le", float.__le__, "<="),
+    ):
         limit = meta.get(bound)
         if limit is not None and not test(float(value), float(limit)):
             return f"must be {word} {limit}"

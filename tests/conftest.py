@@ -22,22 +22,38 @@ def word_tokenizer(max_length: int = 8) -> PreTrainedTokenizerFast:
     vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   model_max_length=max_length)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", model_max_length=max_length
+    )
 
 
 def text_encoder(vocab_size: int, max_length: int = 8) -> CLIPTextModel:
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=max_length, pad_token_id=0,
-                            bos_token_id=0, eos_token_id=0)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=max_length,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return CLIPTextModel(config)
 
 
 def tiny_unet(in_channels: int, sample_size: int) -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=in_channels, out_channels=in_channels, block_out_channels=(8, 16),
-        layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
     )
 
 
@@ -46,12 +62,18 @@ def build_pipeline(path, *, vae: bool, prediction_type: str = "epsilon") -> str:
     tokenizer = word_tokenizer()
     autoencoder = None
     if vae:
-        autoencoder = AutoencoderKL(block_out_channels=[4, 8], norm_num_groups=2, latent_channels=4,
-                                    down_block_types=["DownEncoderBlock2D"] * 2,
-                                    up_block_types=["UpDecoderBlock2D"] * 2, sample_size=16)
+        autoencoder = AutoencoderKL(
+            block_out_channels=[4, 8],
+            norm_num_groups=2,
+            latent_channels=4,
+            down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2,
+            sample_size=16,
+        )
     unet = tiny_unet(4 if vae else 3, 8)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                              prediction_type=prediction_type)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type
+    )
     components = diffusion.Components(unet, scheduler, text_encoder(len(WORDS) + 2), tokenizer, autoencoder)
     diffusion.save_components(components, str(path))
     return str(path)

@@ -51,7 +51,9 @@ def test_bool_is_not_an_int_and_sections_must_be_mappings(tmp_path):
 
 def test_missing_paths_reported_when_the_toy_world_does_not_build_them(tmp_path):
     with pytest.raises(UserError) as info:
-        load_config(None, ["toy.enabled=false", f"model.path={tmp_path}/none", f"data.path={tmp_path}/x.parquet"])
+        load_config(
+            None, ["toy.enabled=false", f"model.path={tmp_path}/none", f"data.path={tmp_path}/x.parquet"]
+        )
     text = str(info.value)
     assert "`model.path` must be a pipeline folder" in text and "`data.path`" in text
     load_config(None, [f"model.path={tmp_path}/none"])  # toy.enabled builds them: no error

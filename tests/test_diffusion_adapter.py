@@ -520,7 +520,8 @@ TOY_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 @pytest.mark.parametrize(
-    "targets", [["to_q", "to_k", "to_v", "to_out.0"], ["time_emb_proj", "proj"], ["q_proj", "k_proj", "v_proj"]]
+    "targets",
+    [["to_q", "to_k", "to_v", "to_out.0"], ["time_emb_proj", "proj"], ["q_proj", "k_proj", "v_proj"]],
 )
 def test_exported_lora_reloads_exactly_for_every_layer_kind(targets, tmp_path):
     """Attention, resnet time projections and the pooled-text attention (q/k/v_proj) of the toy base all

@@ -9,13 +9,20 @@ from mmalign.recipes import evaluate
 
 def scored(rewards, prompts, mistakes=None) -> evaluate.Scored:
     n = len(rewards)
-    return evaluate.Scored(prompts, list(range(n)), torch.tensor(rewards, dtype=torch.float64),
-                           None if mistakes is None else torch.tensor(mistakes), torch.zeros(n, 3, 2, 2))
+    return evaluate.Scored(
+        prompts,
+        list(range(n)),
+        torch.tensor(rewards, dtype=torch.float64),
+        None if mistakes is None else torch.tensor(mistakes),
+        torch.zeros(n, 3, 2, 2),
+    )
 
 
 def test_clustered_mean_uses_per_prompt_means():
     """Prompt a: 0.2, 0.4 → 0.3; prompt b: 0.8, 1.0 → 0.9. Mean 0.6; SE = std([0.3, 0.9]) / √2 = 0.3."""
-    mean, se = evaluate.clustered_mean(torch.tensor([0.2, 0.4, 0.8, 1.0], dtype=torch.float64), ["a", "a", "b", "b"])
+    mean, se = evaluate.clustered_mean(
+        torch.tensor([0.2, 0.4, 0.8, 1.0], dtype=torch.float64), ["a", "a", "b", "b"]
+    )
     assert math.isclose(mean, 0.6, abs_tol=1e-12)
     assert math.isclose(se, math.sqrt(0.18) / math.sqrt(2), abs_tol=1e-12)
 
@@ -37,8 +44,15 @@ def test_summary_has_design_keys_and_correct_numbers():
     aligned = scored([0.6, 0.4, 0.7, 0.6], prompts, [False, False, True, False])
     control = scored([0.4, 0.5, 0.5, 0.4], prompts, [True, True, True, False])
     s = evaluate.summarize(base, {"aligned": aligned, "control": control})
-    for key in ("base_reward_mean", "aligned_reward_mean", "win_rate", "num_samples", "control_win_rate",
-                "base_error_rate", "aligned_error_rate"):
+    for key in (
+        "base_reward_mean",
+        "aligned_reward_mean",
+        "win_rate",
+        "num_samples",
+        "control_win_rate",
+        "base_error_rate",
+        "aligned_error_rate",
+    ):
         assert key in s
     assert s["num_samples"] == 4
     assert math.isclose(s["aligned_reward_mean"], 0.575)

@@ -34,8 +34,16 @@ def test_sampled_pairs_prefer_the_higher_reward_through_the_real_reader(pixel_pi
     components = diffusion.load_components(pixel_pipeline)
     reward = build_reward("toy_shapes")
     prompts = shapes.prompts("train")[:3]
-    rows = sample_best_worst_pairs(components, prompts, reward, samples_per_group=3, groups_per_prompt=2,
-                                   first_seed=7, steps=2, guidance_scale=1.0)
+    rows = sample_best_worst_pairs(
+        components,
+        prompts,
+        reward,
+        samples_per_group=3,
+        groups_per_prompt=2,
+        first_seed=7,
+        steps=2,
+        guidance_scale=1.0,
+    )
     assert 0 < len(rows) <= 6
     assert {label for *_, label in rows} <= {0.0, 1.0}
     path = str(tmp_path / "pairs.parquet")
@@ -43,7 +51,8 @@ def test_sampled_pairs_prefer_the_higher_reward_through_the_real_reader(pixel_pi
     records = read_pairs("pickapic", path)
     for record in records:
         chosen, rejected = (
-            torch.from_numpy(np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1)[None] / 255.0
+            torch.from_numpy(np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1)[None]
+            / 255.0
             for b in (record.chosen, record.rejected)
         )
         assert float(reward(chosen, [record.caption])) > float(reward(rejected, [record.caption]))

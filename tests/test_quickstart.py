@@ -13,16 +13,37 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_quickstart_aligns_the_toy_model(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["train", os.path.join(ROOT, "configs", "quickstart.yaml"), f"output_dir={out}",
-               f"data.path={out}/data/pairs.parquet", f"model.path={os.path.join(ROOT, 'assets', 'toy-t2i')}",
-               "log.progress=false"])
+    rc = main(
+        [
+            "train",
+            os.path.join(ROOT, "configs", "quickstart.yaml"),
+            f"output_dir={out}",
+            f"data.path={out}/data/pairs.parquet",
+            f"model.path={os.path.join(ROOT, 'assets', 'toy-t2i')}",
+            "log.progress=false",
+        ]
+    )
     assert rc == 0
-    for name in ("config.yaml", "metrics.jsonl", "eval.json", "samples/before_after.png",
-                 "samples/reward_vs_step.png", "final/pytorch_lora_weights.safetensors", "control/final"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "eval.json",
+        "samples/before_after.png",
+        "samples/reward_vs_step.png",
+        "final/pytorch_lora_weights.safetensors",
+        "control/final",
+    ):
         assert (out / name).exists(), name
     summary = json.loads((out / "eval.json").read_text())
-    for key in ("base_reward_mean", "aligned_reward_mean", "win_rate", "num_samples", "control_win_rate",
-                "base_error_rate", "aligned_error_rate"):
+    for key in (
+        "base_reward_mean",
+        "aligned_reward_mean",
+        "win_rate",
+        "num_samples",
+        "control_win_rate",
+        "base_error_rate",
+        "aligned_error_rate",
+    ):
         assert key in summary
     assert summary["num_samples"] >= 128
     # the preferences did the work: the aligned model beats the base and the no-label control

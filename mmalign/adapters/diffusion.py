@@ -95,7 +95,9 @@ def save_components(components: Components, path: str, *, unet: UNet2DConditionM
     if components.vae is not None:
         components.vae.save_pretrained(os.path.join(path, "vae"), safe_serialization=True)
     if components.text_encoder_2 is not None:
-        components.text_encoder_2.save_pretrained(os.path.join(path, "text_encoder_2"), safe_serialization=True)
+        components.text_encoder_2.save_pretrained(
+            os.path.join(path, "text_encoder_2"), safe_serialization=True
+        )
         components.tokenizer_2.save_pretrained(os.path.join(path, "tokenizer_2"))
     with open(os.path.join(path, "model_index.json"), "w") as f:
         json.dump(_model_index(components), f, indent=2)
@@ -119,7 +121,11 @@ def _model_index(components: Components) -> dict:
     else:
         # No safety checker is shipped: the pipeline loads without one instead of asking for its weights.
         index.update(
-            {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+            {
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+            }
         )
     return index
 
@@ -129,7 +135,11 @@ def _model_index(components: Components) -> dict:
 
 def _tokenize(tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: torch.device) -> torch.Tensor:
     ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
     return ids.to(device)
 
@@ -154,7 +164,9 @@ def encode_prompts(components: Components, prompts: list[str]) -> tuple[torch.Te
     return hidden, added
 
 
-def repeat_condition(hidden: torch.Tensor, added: dict | None, times: int) -> tuple[torch.Tensor, dict | None]:
+def repeat_condition(
+    hidden: torch.Tensor, added: dict | None, times: int
+) -> tuple[torch.Tensor, dict | None]:
     """Repeat a (B, ...) condition to (times·B, ...) in block order [all B, all B, ...]."""
     hidden = hidden.repeat(times, *([1] * (hidden.dim() - 1)))
     if added is not None:
@@ -191,7 +203,9 @@ def decode_latents(components: Components, latents: torch.Tensor) -> torch.Tenso
 # --------------------------------------------------------------------------------------------------- score
 
 
-def target_for(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def target_for(
+    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
     """What the UNet is trained to predict: ε, or the velocity v = α_t·ε − σ_t·x0 (Salimans & Ho 2202.00512)."""
     if scheduler.config.prediction_type == "epsilon":
         return noise
@@ -259,7 +273,10 @@ def sample(
     for start in range(0, len(prompts), batch_size):
         chunk, chunk_seeds = prompts[start : start + batch_size], seeds[start : start + batch_size]
         noise = torch.stack(
-            [torch.randn(channels, size, size, generator=torch.Generator().manual_seed(s)) for s in chunk_seeds]
+            [
+                torch.randn(channels, size, size, generator=torch.Generator().manual_seed(s))
+                for s in chunk_seeds
+            ]
         ).to(device, unet.dtype)  # (b, C, h, w)
         cond, added = encode_prompts(components, chunk)
         uncond, added_uncond = encode_prompts(components, [""] * len(chunk))
@@ -300,8 +317,13 @@ def add_lora(
         raise UserError(f"`lora.target_modules` names modules the UNet does not have: {missing}")
     unet.requires_grad_(False)
     unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
-                   target_modules=list(target_modules))
+        LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            init_lora_weights="gaussian",
+            target_modules=list(target_modules),
+        )
     )
     return [p for p in unet.parameters() if p.requires_grad]
 
@@ -328,7 +350,9 @@ def export(components: Components, unet: UNet2DConditionModel, out_dir: str, *, 
         # The LoraConfig travels in the file's metadata: without it diffusers' loader assumes alpha = rank,
         # and a LoRA trained with alpha != rank would load with the wrong scale.
         pipeline_class.save_lora_weights(
-            out_dir, unet_lora_layers=state, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            out_dir,
+            unet_lora_layers=state,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
             safe_serialization=True,
         )
     else:
@@ -345,4 +369,6 @@ def load_aligned(components: Components, final_dir: str) -> UNet2DConditionModel
         return unet.eval()
     if os.path.isfile(os.path.join(final_dir, "config.json")):
         return UNet2DConditionModel.from_pretrained(final_dir, local_files_only=True).eval()
-    raise UserError(f"{final_dir} holds neither {LORA_WEIGHTS} nor a UNet (config.json); was it written by training?")
+    raise UserError(
+        f"{final_dir} holds neither {LORA_WEIGHTS} nor a UNet (config.json); was it written by training?"
+    )

@@ -63,7 +63,9 @@ def build_reward_model(name: str):
 
 
 def score_model(components, unet, prompts, seeds, reward, *, steps: int, guidance_scale: float) -> Scored:
-    images = diffusion.sample(components, prompts, seeds, unet=unet, steps=steps, guidance_scale=guidance_scale)
+    images = diffusion.sample(
+        components, prompts, seeds, unet=unet, steps=steps, guidance_scale=guidance_scale
+    )
     rewards = reward(images, prompts).float().cpu()
     mistakes = reward.mistake(images, prompts).cpu() if hasattr(reward, "mistake") else None
     return Scored(prompts, seeds, rewards, mistakes, images.cpu())
@@ -87,8 +89,12 @@ def wins(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def summarize(base: Scored, others: dict[str, Scored]) -> dict:
     """The eval.json contents: DESIGN.md keys plus intervals, z-scores and error rates."""
     mean, se = clustered_mean(base.rewards, base.prompts)
-    summary = {"num_samples": len(base.prompts), "num_prompts": len(set(base.prompts)),
-               "base_reward_mean": mean, "base_reward_ci95": 1.96 * se}
+    summary = {
+        "num_samples": len(base.prompts),
+        "num_prompts": len(set(base.prompts)),
+        "base_reward_mean": mean,
+        "base_reward_ci95": 1.96 * se,
+    }
     if base.mistakes is not None:
         summary["base_error_rate"] = float(base.mistakes.double().mean())
     for name, scored in others.items():
@@ -111,8 +117,10 @@ def format_table(summary: dict, names: list[str]) -> str:
     has_errors = "base_error_rate" in summary
     header = f"{'model':<9} {'reward (95% CI, by prompt)':<28} {'gain z':>7} {'win vs base':>16}"
     header += f" {'mistake rate':>13}" if has_errors else ""
-    lines = [f"{summary['num_samples']} held-out samples ({summary['num_prompts']} prompts, same seeds for all)",
-             header]
+    lines = [
+        f"{summary['num_samples']} held-out samples ({summary['num_prompts']} prompts, same seeds for all)",
+        header,
+    ]
     for name in ["base", *names]:
         reward = f"{summary[f'{name}_reward_mean']:.3f} ± {summary[f'{name}_reward_ci95']:.3f}"
         if name == "base":
@@ -200,12 +208,21 @@ def evaluate_runs(
         unet = diffusion.load_aligned(components, final_dir)
         others[name] = score_model(components, unet, prompts, seeds, reward, **sample_kwargs)
     summary = summarize(base, others)
-    summary.update({"prompts": prompts_spec, "seeds": f"{EVAL_FIRST_SEED}..{EVAL_FIRST_SEED + seeds_per_prompt - 1}",
-                    "guidance_scale": guidance_scale, "sampling_steps": steps, "reward": reward_name})
+    summary.update(
+        {
+            "prompts": prompts_spec,
+            "seeds": f"{EVAL_FIRST_SEED}..{EVAL_FIRST_SEED + seeds_per_prompt - 1}",
+            "guidance_scale": guidance_scale,
+            "sampling_steps": steps,
+            "reward": reward_name,
+        }
+    )
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    write_grid(os.path.join(out_dir, "samples", "before_after.png"), {"base": base, **others}, rows=grid_prompts)
+    write_grid(
+        os.path.join(out_dir, "samples", "before_after.png"), {"base": base, **others}, rows=grid_prompts
+    )
     return summary
 
 
@@ -217,12 +234,21 @@ def format_checks(summary: dict) -> str:
         checks.append((f"mistake rate aligned / base = {ratio:.2f}", "≤ 0.60", ratio <= 0.6))
     checks.append((f"win rate vs base = {summary['win_rate']:.3f}", "≥ 0.60", summary["win_rate"] >= 0.6))
     z = summary["aligned_reward_gain_z"]
-    checks.append((f"reward gain = {summary['aligned_reward_gain']:+.4f} ({z:+.1f} clustered SE)", "≥ +3 SE", z >= 3))
+    checks.append(
+        (f"reward gain = {summary['aligned_reward_gain']:+.4f} ({z:+.1f} clustered SE)", "≥ +3 SE", z >= 3)
+    )
     if "control_win_rate" in summary:
         control, control_z = summary["control_win_rate"], summary["control_reward_gain_z"]
-        checks.append((f"control vs base: win {control:.3f}, reward gain {control_z:+.1f} SE",
-                       "no better than base (gain ≤ +2 SE)", control_z <= 2))
+        checks.append(
+            (
+                f"control vs base: win {control:.3f}, reward gain {control_z:+.1f} SE",
+                "no better than base (gain ≤ +2 SE)",
+                control_z <= 2,
+            )
+        )
         gap = summary["win_rate"] - control
         checks.append((f"aligned − control win rate = {gap:+.3f}", "≥ +0.10", gap >= 0.1))
     width = max(len(text) for text, _, _ in checks)
-    return "\n".join(f"  [{'ok' if ok else 'MISS'}] {text:<{width}}  target {target}" for text, target, ok in checks)
+    return "\n".join(
+        f"  [{'ok' if ok else 'MISS'}] {text:<{width}}  target {target}" for text, target, ok in checks
+    )

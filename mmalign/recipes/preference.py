@@ -191,13 +191,16 @@ def check_model(components: diffusion.Components, cfg: TrainConfig) -> None:
             f"says {actual!r}; set model.prediction_type={actual} or null"
         )
     if cfg.loss.name not in OBJECTIVES:
-        raise UserError(f"`loss.name` {cfg.loss.name!r} is not a pairwise objective (accepted: {', '.join(OBJECTIVES)})")
+        raise UserError(
+            f"`loss.name` {cfg.loss.name!r} is not a pairwise objective (accepted: {', '.join(OBJECTIVES)})"
+        )
 
 
 def train(cfg: TrainConfig) -> RunResult:
     # 1. setup ---------------------------------------------------------------------------------------------
     accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps, mixed_precision=cfg.optim.mixed_precision
+        gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
+        mixed_precision=cfg.optim.mixed_precision,
     )
     out_dir, ckpt_dir = cfg.output_dir, os.path.join(cfg.output_dir, "checkpoints")
     is_main = accelerator.is_main_process
@@ -214,7 +217,10 @@ def train(cfg: TrainConfig) -> RunResult:
     frozen = None
     if cfg.lora.enabled:
         params = diffusion.add_lora(
-            unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+            unet,
+            rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha,
+            dropout=cfg.lora.dropout,
             target_modules=cfg.lora.target_modules,
         )
     else:
@@ -247,11 +253,15 @@ def train(cfg: TrainConfig) -> RunResult:
 
     # 4. optimizer and schedule ----------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+        params,
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
         weight_decay=cfg.optim.weight_decay,
     )
     schedule = get_scheduler(
-        cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+        cfg.optim.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.optim.warmup_steps,
         num_training_steps=cfg.optim.max_steps,
     )
     model, optimizer = accelerator.prepare(unet, optimizer)
@@ -269,8 +279,13 @@ def train(cfg: TrainConfig) -> RunResult:
             _truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), start_step)
     validation = _build_validation(cfg) if cfg.validation.every else None
     writer = _tensorboard(out_dir) if (is_main and cfg.log.tensorboard) else None
-    bar = tqdm(total=cfg.optim.max_steps, initial=start_step, desc=f"{cfg.loss.name} ({out_dir})",
-               disable=not (is_main and cfg.log.progress), dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.optim.max_steps,
+        initial=start_step,
+        desc=f"{cfg.loss.name} ({out_dir})",
+        disable=not (is_main and cfg.log.progress),
+        dynamic_ncols=True,
+    )
 
     if validation is not None and start_step == 0 and is_main:
         # step 0 is the base model itself: the line every later validation reward is judged against
@@ -328,10 +343,18 @@ def train(cfg: TrainConfig) -> RunResult:
         # 11. checkpoint (written once, atomically)
         if done % cfg.checkpoint.every == 0 or done == cfg.optim.max_steps:
             if is_main:
-                state = {"step": done, "schedule": schedule.state_dict(), "best": best,
-                         "val_history": val_history}
-                checkpoint.save(os.path.join(ckpt_dir, f"step-{done}"), module=unet,
-                                optimizer=optimizer.optimizer, state=state)
+                state = {
+                    "step": done,
+                    "schedule": schedule.state_dict(),
+                    "best": best,
+                    "val_history": val_history,
+                }
+                checkpoint.save(
+                    os.path.join(ckpt_dir, f"step-{done}"),
+                    module=unet,
+                    optimizer=optimizer.optimizer,
+                    state=state,
+                )
                 checkpoint.prune(ckpt_dir, cfg.checkpoint.keep)
             accelerator.wait_for_everyone()
     bar.close()
@@ -347,8 +370,16 @@ def train(cfg: TrainConfig) -> RunResult:
             exported = best["step"]
         diffusion.export(components, unet, final_dir, lora=cfg.lora.enabled)
         with open(os.path.join(final_dir, "mmalign.json"), "w") as f:
-            json.dump({"step": exported, "val_reward": best["reward"] if best["step"] else None,
-                       "loss": cfg.loss.name, "base": os.path.abspath(cfg.model.path)}, f, indent=2)
+            json.dump(
+                {
+                    "step": exported,
+                    "val_reward": best["reward"] if best["step"] else None,
+                    "loss": cfg.loss.name,
+                    "base": os.path.abspath(cfg.model.path),
+                },
+                f,
+                indent=2,
+            )
     accelerator.wait_for_everyone()
     return RunResult(out_dir, final_dir, exported, val_history)
 
@@ -361,8 +392,14 @@ def _build_validation(cfg: TrainConfig):
 
     def validate(components: diffusion.Components, unet) -> float:
         unet.eval()
-        images = diffusion.sample(components, prompts, seeds, unet=unet, steps=cfg.sampling.steps,
-                                  guidance_scale=cfg.sampling.guidance_scale)
+        images = diffusion.sample(
+            components,
+            prompts,
+            seeds,
+            unet=unet,
+            steps=cfg.sampling.steps,
+            guidance_scale=cfg.sampling.guidance_scale,
+        )
         return float(reward(images, prompts).mean())
 
     return validate

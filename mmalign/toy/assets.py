@@ -48,5 +48,7 @@ def ensure_pairs(cfg: TrainConfig, log=print) -> None:
     )
     os.makedirs(os.path.dirname(os.path.abspath(cfg.data.path)), exist_ok=True)
     write_pickapic_parquet(cfg.data.path, rows)
-    log(f"built {len(rows)} best-vs-worst-of-{cfg.toy.samples_per_prompt} pairs from base samples "
-        f"in {time.perf_counter() - start:.0f} s -> {cfg.data.path}")
+    log(
+        f"built {len(rows)} best-vs-worst-of-{cfg.toy.samples_per_prompt} pairs from base samples "
+        f"in {time.perf_counter() - start:.0f} s -> {cfg.data.path}"
+    )
