@@ -15,6 +15,21 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 from mmalign.adapters import diffusion
 from mmalign.data.pickapic import write_pickapic_parquet
 
+# A training run that stays offline and quiet: no toy assets, no validation or evaluation, no progress bar.
+QUIET_RUN = [
+    "toy.enabled=false",
+    "validation.every=0",
+    "eval.enabled=false",
+    "log.progress=false",
+    "log.tensorboard=false",
+]
+
+
+def run_overrides(pipeline: str, data: str, out_dir) -> list[str]:
+    """Overrides for a tiny quiet run of ``pipeline`` on the pairs at ``data``, writing to ``out_dir``."""
+    return [f"model.path={pipeline}", f"data.path={data}", f"output_dir={out_dir}", *QUIET_RUN]
+
+
 WORDS = ["a", "red", "green", "blue", "circle", "square", "cat", "dog", "on", "the", "left", "right"]
 
 

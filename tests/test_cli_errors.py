@@ -11,17 +11,13 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import build_pipeline, png
+from conftest import QUIET_RUN, build_pipeline, png
 
 from mmalign.cli import main
 from mmalign.data.pickapic import write_pickapic_parquet
 
 QUICK = [
-    "toy.enabled=false",
-    "validation.every=0",
-    "eval.enabled=false",
-    "log.progress=false",
-    "log.tensorboard=false",
+    *QUIET_RUN,
     "optim.max_steps=1",
     "optim.batch_size=2",
 ]

@@ -17,7 +17,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import WORDS, text_encoder, word_tokenizer
+from conftest import WORDS, run_overrides, text_encoder, word_tokenizer
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -40,20 +40,7 @@ CPU = torch.device("cpu")
 
 
 def train_config(pipeline: str, data: str, out_dir, *overrides: str) -> TrainConfig:
-    return load_config(
-        None,
-        [
-            f"model.path={pipeline}",
-            f"data.path={data}",
-            f"output_dir={out_dir}",
-            "toy.enabled=false",
-            "validation.every=0",
-            "eval.enabled=false",
-            "log.progress=false",
-            "log.tensorboard=false",
-            *overrides,
-        ],
-    )
+    return load_config(None, [*run_overrides(pipeline, data, out_dir), *overrides])
 
 
 def make_batch(components: diffusion.Components, cfg: TrainConfig, positions: list[int]) -> dict:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from _distributed_worker import main as run_worker
 from accelerate.commands.config.config_args import load_config_from_file
+from conftest import run_overrides
 from safetensors.torch import load_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,18 +32,11 @@ def free_port() -> int:
 
 def overrides(pipeline: str, data: str, out, batch_size: int) -> list[str]:
     return [
-        f"model.path={pipeline}",
-        f"data.path={data}",
-        f"output_dir={out}",
-        "toy.enabled=false",
-        "validation.every=0",
-        "eval.enabled=false",
+        *run_overrides(pipeline, data, out),
         "optim.max_steps=3",
         f"optim.batch_size={batch_size}",
         "checkpoint.every=2",
         "log.every=1",
-        "log.progress=false",
-        "log.tensorboard=false",
     ]
 
 

@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 from _distributed_worker import float64_recipe
-from conftest import png
+from conftest import png, run_overrides
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
@@ -43,16 +43,9 @@ def tiny_config(pipeline: str, data: str, out, *overrides: str):
     return load_config(
         None,
         [
-            f"model.path={pipeline}",
-            f"data.path={data}",
-            f"output_dir={out}",
-            "toy.enabled=false",
-            "validation.every=0",
-            "eval.enabled=false",
+            *run_overrides(pipeline, data, out),
             "optim.max_steps=4",
             "optim.batch_size=4",
-            "log.progress=false",
-            "log.tensorboard=false",
             "log.every=1",
             *overrides,
         ],
