@@ -95,7 +95,8 @@ def _train(cfg) -> int:
     runs = {"aligned": result.output_dir}
     if cfg.toy.enabled and cfg.toy.control:
         control = _control_config(cfg)
-        preference.train(control)
+        # the same base, validation prompts, seeds and sampler: its step-0 reward is already known
+        preference.train(control, base_val_reward=dict(result.val_history).get(0))
         runs["control"] = control.output_dir
     if not _is_main_process():
         return 0
@@ -145,9 +146,11 @@ def _eval(cfg, finals: list[str] | None) -> int:
         final_dirs,
         prompts_spec=cfg.eval.prompts,
         seeds_per_prompt=cfg.eval.seeds_per_prompt,
+        first_seed=cfg.eval.first_seed,
         reward_name=cfg.eval.reward,
         steps=cfg.sampling.steps,
         guidance_scale=cfg.sampling.guidance_scale,
+        batch_size=cfg.sampling.batch_size,
         out_dir=cfg.output_dir,
         grid_prompts=cfg.eval.grid_prompts,
     )

@@ -142,6 +142,9 @@ class ValidationConfig:
 class SamplingConfig:
     steps: int = _spec(20, doc="DDIM steps.", gt=0)
     guidance_scale: float = _spec(1.5, doc="Classifier-free guidance scale.", ge=1)
+    batch_size: int = _spec(
+        128, doc="Prompts denoised together (each twice, for guidance); lower it for large models.", gt=0
+    )
 
 
 @dataclass
@@ -150,7 +153,10 @@ class EvalConfig:
     reward: str = _spec("toy_shapes", doc="Reward model name.", choices=("toy_shapes",))
     prompts: str = _spec("test", doc="A toy split name (test, val) or a text file with one prompt per line.")
     seeds_per_prompt: int = _spec(
-        8, doc="Samples per prompt; seeds are 1000 + k, the same for every model.", gt=0
+        8, doc="Samples per prompt; seeds are first_seed + k, the same for every model.", gt=0
+    )
+    first_seed: int = _spec(
+        1000, doc="Seed of each prompt's first sample (validation uses 2000 +, the toy pairs 100 000 +).", ge=0
     )
     grid_prompts: int = _spec(8, doc="Prompts shown in the before/after grid.", gt=0)
 

@@ -14,6 +14,7 @@ A model without ``vae/`` works in pixel space (as DeepFloyd IF does); the toy wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -258,7 +259,7 @@ def sample(
     unet: UNet2DConditionModel | None = None,
     steps: int = 20,
     guidance_scale: float = 1.5,
-    batch_size: int = 256,
+    batch_size: int = 128,
 ) -> torch.Tensor:
     """DDIM (η = 0) samples with classifier-free guidance; pixels in [0, 1], (B, 3, H, W).
 
@@ -266,6 +267,23 @@ def sample(
     whatever the batch it is drawn in — the before/after comparison is paired.
     """
     unet = unet or components.unet
+    with channels_last(unet):
+        return _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size)
+
+
+@contextlib.contextmanager
+def channels_last(module: torch.nn.Module):
+    """Hold ``module``'s 4-D weights in NHWC for a while: inference convolutions run ≈ 20% faster so on this
+    CPU (and NHWC is the usual choice for half precision on GPUs). Training stays in NCHW, whose backward is
+    faster here, and safetensors stores only contiguous tensors, so the weights are put back afterwards."""
+    module.to(memory_format=torch.channels_last)
+    try:
+        yield module
+    finally:
+        module.to(memory_format=torch.contiguous_format)
+
+
+def _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size) -> torch.Tensor:
     device = unet.device
     ddim = DDIMScheduler.from_config(components.scheduler.config)
     channels, size = unet.config.in_channels, unet.config.sample_size

@@ -41,6 +41,7 @@ def sample_best_worst_pairs(
     first_seed: int,
     steps: int,
     guidance_scale: float,
+    batch_size: int = 128,
     seed: int = 0,
 ) -> list[tuple[str, bytes, bytes, float]]:
     """Pick-a-Pic style rows (caption, jpg_0, jpg_1, label_0) of best-vs-worst pairs.
@@ -50,7 +51,9 @@ def sample_best_worst_pairs(
     n = samples_per_group
     repeated = [p for p in prompts for _ in range(groups_per_prompt * n)]
     seeds = [first_seed + i for i in range(len(repeated))]
-    images = diffusion.sample(components, repeated, seeds, steps=steps, guidance_scale=guidance_scale)
+    images = diffusion.sample(
+        components, repeated, seeds, steps=steps, guidance_scale=guidance_scale, batch_size=batch_size
+    )
     scores = reward(images, repeated).float().reshape(-1, n)  # (G, N)
     images = images.reshape(-1, n, *images.shape[1:])  # (G, N, 3, H, W)
     best, worst, distinct = best_and_worst(scores)

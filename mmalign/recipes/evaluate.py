@@ -62,9 +62,17 @@ def build_reward_model(name: str):
     return build_reward(name)
 
 
-def score_model(components, unet, prompts, seeds, reward, *, steps: int, guidance_scale: float) -> Scored:
+def score_model(
+    components, unet, prompts, seeds, reward, *, steps: int, guidance_scale: float, batch_size: int = 128
+) -> Scored:
     images = diffusion.sample(
-        components, prompts, seeds, unet=unet, steps=steps, guidance_scale=guidance_scale
+        components,
+        prompts,
+        seeds,
+        unet=unet,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
     )
     rewards = reward(images, prompts).float().cpu()
     mistakes = reward.mistake(images, prompts).cpu() if hasattr(reward, "mistake") else None
@@ -196,12 +204,16 @@ def evaluate_runs(
     guidance_scale: float,
     out_dir: str,
     grid_prompts: int,
+    batch_size: int = 128,
+    first_seed: int = EVAL_FIRST_SEED,
 ) -> dict:
     """Sample base and each ``final/``, write eval.json and the grid; returns the summary."""
     components = diffusion.load_components(model_path)
-    prompts, seeds = prompt_seeds(prompt_list(prompts_spec, key="eval.prompts"), seeds_per_prompt)
+    prompts, seeds = prompt_seeds(
+        prompt_list(prompts_spec, key="eval.prompts"), seeds_per_prompt, first_seed=first_seed
+    )
     reward = build_reward_model(reward_name)
-    sample_kwargs = {"steps": steps, "guidance_scale": guidance_scale}
+    sample_kwargs = {"steps": steps, "guidance_scale": guidance_scale, "batch_size": batch_size}
     base = score_model(components, components.unet, prompts, seeds, reward, **sample_kwargs)
     others = {}
     for name, final_dir in final_dirs.items():
@@ -211,7 +223,7 @@ def evaluate_runs(
     summary.update(
         {
             "prompts": prompts_spec,
-            "seeds": f"{EVAL_FIRST_SEED}..{EVAL_FIRST_SEED + seeds_per_prompt - 1}",
+            "seeds": f"{first_seed}..{first_seed + seeds_per_prompt - 1}",
             "guidance_scale": guidance_scale,
             "sampling_steps": steps,
             "reward": reward_name,

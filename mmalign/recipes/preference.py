@@ -196,7 +196,9 @@ def check_model(components: diffusion.Components, cfg: TrainConfig) -> None:
         )
 
 
-def train(cfg: TrainConfig) -> RunResult:
+def train(cfg: TrainConfig, *, base_val_reward: float | None = None) -> RunResult:
+    """Run the recipe. ``base_val_reward``: the base model's validation reward, when another run already
+    measured it with the same model, prompts, seeds and sampler (the control does); step 0 reuses it."""
     # 1. setup ---------------------------------------------------------------------------------------------
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
@@ -289,7 +291,7 @@ def train(cfg: TrainConfig) -> RunResult:
 
     if validation is not None and start_step == 0 and is_main:
         # step 0 is the base model itself: the line every later validation reward is judged against
-        reward = validation(components, unet)
+        reward = validation(components, unet) if base_val_reward is None else base_val_reward
         val_history.append((0, reward))
         _write_metrics(out_dir, {"step": 0, "val_reward": reward}, writer)
         unet.train()
@@ -399,6 +401,7 @@ def _build_validation(cfg: TrainConfig):
             unet=unet,
             steps=cfg.sampling.steps,
             guidance_scale=cfg.sampling.guidance_scale,
+            batch_size=cfg.sampling.batch_size,
         )
         return float(reward(images, prompts).mean())
 

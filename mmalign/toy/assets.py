@@ -44,6 +44,7 @@ def ensure_pairs(cfg: TrainConfig, log=print) -> None:
         first_seed=PAIR_FIRST_SEED,
         steps=cfg.sampling.steps,
         guidance_scale=cfg.sampling.guidance_scale,
+        batch_size=cfg.sampling.batch_size,
         seed=cfg.optim.seed,
     )
     os.makedirs(os.path.dirname(os.path.abspath(cfg.data.path)), exist_ok=True)
