@@ -156,7 +156,9 @@ class EvalConfig:
         8, doc="Samples per prompt; seeds are first_seed + k, the same for every model.", gt=0
     )
     first_seed: int = _spec(
-        1000, doc="Seed of each prompt's first sample (validation uses 2000 +, the toy pairs 100 000 +).", ge=0
+        1000,
+        doc="Seed of each prompt's first sample (validation uses 2000 +, the toy pairs 100 000 +).",
+        ge=0,
     )
     grid_prompts: int = _spec(8, doc="Prompts shown in the before/after grid.", gt=0)
 

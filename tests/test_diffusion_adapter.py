@@ -10,6 +10,7 @@ What Diffusion-DPO (Wallace et al., arXiv 2311.12908) needs and these tests pin:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import os
@@ -531,3 +532,51 @@ def test_exported_lora_reloads_exactly_for_every_layer_kind(targets, tmp_path):
         base = components.unet(x, torch.tensor(700), encoder_hidden_states=hidden).sample
     assert float((trained - base).abs().max()) > 1e-2
     torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)
+
+
+def test_sampling_in_nhwc_matches_nchw_and_leaves_the_weights_contiguous(pixel_pipeline):
+    """``sample`` holds the conv weights in channels-last while it runs; the images are the NCHW ones (to
+    float rounding) and afterwards every weight is contiguous again, as safetensors and training need."""
+    components = diffusion.load_components(pixel_pipeline)
+    prompts, seeds = ["a red circle", "a blue square on the left"], [3, 4]
+    nhwc = diffusion.sample(components, prompts, seeds, steps=4)
+    assert all(p.is_contiguous() for p in components.unet.parameters())
+    real = diffusion.channels_last
+    diffusion.channels_last = lambda module: contextlib.nullcontext(module)
+    try:
+        nchw = diffusion.sample(components, prompts, seeds, steps=4)
+    finally:
+        diffusion.channels_last = real
+    torch.testing.assert_close(nhwc, nchw, atol=1e-4, rtol=0)
+    with diffusion.channels_last(components.unet):
+        conv = components.unet.conv_in.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert components.unet.conv_in.weight.is_contiguous()
+
+
+def test_sampling_copy_fuses_the_lora_and_leaves_the_policy_untouched(pixel_pipeline):
+    components = diffusion.load_components(pixel_pipeline)
+    unet = components.unet
+    torch.manual_seed(0)
+    diffusion.add_lora(unet, rank=4, alpha=4, dropout=0.0, target_modules=LORA_MODULES)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    before = {name: p.detach().clone() for name, p in unet.named_parameters()}
+    fused = diffusion.sampling_copy(unet)
+    assert not any("lora" in name for name, _ in fused.named_parameters())
+    assert not any(p.requires_grad for p in fused.parameters())
+    after = dict(unet.named_parameters())
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    hidden, _ = diffusion.encode_prompts(components, ["a red circle", "a dog"])
+    with torch.no_grad():
+        lora_out = unet(x, torch.tensor(500), encoder_hidden_states=hidden).sample
+        fused_out = fused(x, torch.tensor(500), encoder_hidden_states=hidden).sample
+        unet.disable_adapters()
+        base_out = unet(x, torch.tensor(500), encoder_hidden_states=hidden).sample
+        unet.enable_adapters()
+    assert float((lora_out - base_out).abs().max()) > 1e-3
+    torch.testing.assert_close(fused_out, lora_out, atol=1e-5, rtol=0)

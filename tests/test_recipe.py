@@ -456,3 +456,36 @@ def test_random_labels_sft_control_trains(pixel_pipeline, pairs_parquet, tmp_pat
     # The labels are really ignored: random members give a different run than the given winners.
     other = final_lora(given.output_dir)
     assert max(float((lora[k] - other[k]).abs().max()) for k in lora) > 1e-4
+
+
+TOY_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy-t2i")
+
+
+def test_validation_tracks_reward_keeps_the_best_and_can_reuse_the_base_reward(pairs_parquet, tmp_path):
+    """Validation samples the held-out prompts at step 0 and every N steps, the exported final/ is the best
+    validated step, and a run handed the base's reward (the control is) does not sample step 0 again."""
+    overrides = [
+        *run_overrides(TOY_BASE, pairs_parquet, tmp_path / "run"),
+        "optim.max_steps=4",
+        "optim.batch_size=4",
+        "optim.lr=1e-2",
+        "validation.every=2",
+        "validation.seeds_per_prompt=1",
+        "sampling.steps=3",
+    ]
+    result = preference.train(load_config(None, overrides))
+    rows = [row for row in metrics(result.output_dir) if "val_reward" in row]
+    assert [row["step"] for row in rows] == [0, 2, 4]
+    assert all(0 <= row["val_reward"] <= 1 for row in rows)
+    assert result.val_history == [(row["step"], row["val_reward"]) for row in rows]
+    best = max(rows[1:], key=lambda row: row["val_reward"])
+    with open(os.path.join(result.final_dir, "mmalign.json")) as f:
+        exported = json.load(f)
+    assert exported["step"] == best["step"] == result.exported_step
+    assert exported["val_reward"] == pytest.approx(best["val_reward"])
+    # The same run handed the base's reward starts from it; steps 2 and 4 are the same weights, so the same.
+    overrides[2] = f"output_dir={tmp_path / 'reused'}"
+    reused = preference.train(load_config(None, overrides), base_val_reward=0.125)
+    again = [row for row in metrics(reused.output_dir) if "val_reward" in row]
+    assert again[0] == {"step": 0, "val_reward": 0.125}
+    assert [row["val_reward"] for row in again[1:]] == [row["val_reward"] for row in rows[1:]]

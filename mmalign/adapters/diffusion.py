@@ -377,6 +377,23 @@ def export(components: Components, unet: UNet2DConditionModel, out_dir: str, *, 
         unet.save_pretrained(out_dir, safe_serialization=True)
 
 
+def fuse_lora(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """Fold the active LoRA into the base weights and drop the adapter layers, in place: the same function
+    (to float rounding), at the base model's cost per forward — the LoRA detour is ≈ 30% of a toy UNet's time."""
+    if getattr(unet, "peft_config", None):
+        unet.fuse_lora()
+        unet.unload_lora()
+    return unet
+
+
+def sampling_copy(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """A frozen copy of a (possibly LoRA-carrying) UNet with the LoRA fused in, for validation sampling. The
+    trained UNet is left untouched: fusing into it and back would perturb the reference's base weights."""
+    import copy
+
+    return fuse_lora(copy.deepcopy(unet).requires_grad_(False)).eval()
+
+
 def load_aligned(components: Components, final_dir: str) -> UNet2DConditionModel:
     """The base UNet with ``final/`` applied: a LoRA loaded onto a copy, or the exported full UNet."""
     import copy
@@ -384,7 +401,7 @@ def load_aligned(components: Components, final_dir: str) -> UNet2DConditionModel
     if os.path.isfile(os.path.join(final_dir, LORA_WEIGHTS)):
         unet = copy.deepcopy(components.unet)
         unet.load_lora_adapter(final_dir, prefix="unet", weight_name=LORA_WEIGHTS, adapter_name="aligned")
-        return unet.eval()
+        return fuse_lora(unet).eval()
     if os.path.isfile(os.path.join(final_dir, "config.json")):
         return UNet2DConditionModel.from_pretrained(final_dir, local_files_only=True).eval()
     raise UserError(

@@ -294,7 +294,6 @@ def train(cfg: TrainConfig, *, base_val_reward: float | None = None) -> RunResul
         reward = validation(components, unet) if base_val_reward is None else base_val_reward
         val_history.append((0, reward))
         _write_metrics(out_dir, {"step": 0, "val_reward": reward}, writer)
-        unet.train()
 
     window: dict[str, list[torch.Tensor]] = {}
     window_start = time.perf_counter()
@@ -340,7 +339,6 @@ def train(cfg: TrainConfig, *, base_val_reward: float | None = None) -> RunResul
                     best = {"reward": reward, "step": done}
                     checkpoint.save_weights(os.path.join(ckpt_dir, "best"), unet)
             accelerator.wait_for_everyone()
-            unet.train()
 
         # 11. checkpoint (written once, atomically)
         if done % cfg.checkpoint.every == 0 or done == cfg.optim.max_steps:
@@ -393,12 +391,11 @@ def _build_validation(cfg: TrainConfig):
     reward = evaluate.build_reward_model(cfg.eval.reward)
 
     def validate(components: diffusion.Components, unet) -> float:
-        unet.eval()
         images = diffusion.sample(
             components,
             prompts,
             seeds,
-            unet=unet,
+            unet=diffusion.sampling_copy(unet),
             steps=cfg.sampling.steps,
             guidance_scale=cfg.sampling.guidance_scale,
             batch_size=cfg.sampling.batch_size,
