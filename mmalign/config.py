@@ -170,6 +170,11 @@ class ToyConfig:
         4, doc="Base samples per training prompt and seed group; best vs worst.", ge=2
     )
     pairs_per_prompt: int = _spec(2, doc="Pairs built per training prompt.", gt=0)
+    guidance_scale: float | None = _spec(
+        None,
+        doc="Guidance scale of the base samples the pairs are built from; null: sampling.guidance_scale.",
+        ge=1,
+    )
     control: bool = _spec(
         True, doc="Also train the no-label control (random member of each pair, same budget)."
     )

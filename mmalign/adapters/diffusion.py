@@ -296,19 +296,22 @@ def _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size)
                 for s in chunk_seeds
             ]
         ).to(device, unet.dtype)  # (b, C, h, w)
-        cond, added = encode_prompts(components, chunk)
-        uncond, added_uncond = encode_prompts(components, [""] * len(chunk))
-        hidden = torch.cat([uncond, cond])  # (2b, L, D)
-        if added is not None:
-            added = {key: torch.cat([added_uncond[key], added[key]]) for key in added}
+        hidden, added = encode_prompts(components, chunk)
+        guided = guidance_scale != 1  # at scale 1 the unconditional branch cancels: skip it
+        if guided:
+            uncond, added_uncond = encode_prompts(components, [""] * len(chunk))
+            hidden = torch.cat([uncond, hidden])  # (2b, L, D)
+            if added is not None:
+                added = {key: torch.cat([added_uncond[key], added[key]]) for key in added}
         ddim.set_timesteps(steps, device=device)
         latents = noise * ddim.init_noise_sigma
         for t in ddim.timesteps:
-            model_in = ddim.scale_model_input(torch.cat([latents, latents]), t)
+            model_in = ddim.scale_model_input(torch.cat([latents, latents]) if guided else latents, t)
             out = unet(model_in, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
-            out_uncond, out_cond = out.chunk(2)
-            guided = out_uncond + guidance_scale * (out_cond - out_uncond)
-            latents = ddim.step(guided, t, latents).prev_sample
+            if guided:
+                out_uncond, out_cond = out.chunk(2)
+                out = out_uncond + guidance_scale * (out_cond - out_uncond)
+            latents = ddim.step(out, t, latents).prev_sample
         images.append(decode_latents(components, latents))
     return torch.cat(images)
 

@@ -22,8 +22,13 @@ def read_hf_disk(path: str, *, ties: str = "drop", split: str = "train") -> list
     A ``DatasetDict`` is read at ``split``. Image columns may be ``datasets.Image`` features (read undecoded,
     as their stored bytes) or plain binary columns; the label rule is Pick-a-Pic's (see ``pickapic.py``).
     """
-    # Imported here: `datasets` costs about a second to import and only this format needs it.
-    import datasets
+    # Imported here: only this format needs `datasets`, an optional extra (about a second to import).
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            "data.format: 'hf_disk' needs the `datasets` package: pip install 'mmalign[datasets]'"
+        ) from None
 
     check_ties(ties)
     if not os.path.isdir(path):

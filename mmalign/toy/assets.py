@@ -43,7 +43,7 @@ def ensure_pairs(cfg: TrainConfig, log=print) -> None:
         groups_per_prompt=cfg.toy.pairs_per_prompt,
         first_seed=PAIR_FIRST_SEED,
         steps=cfg.sampling.steps,
-        guidance_scale=cfg.sampling.guidance_scale,
+        guidance_scale=cfg.toy.guidance_scale or cfg.sampling.guidance_scale,
         batch_size=cfg.sampling.batch_size,
         seed=cfg.optim.seed,
     )
