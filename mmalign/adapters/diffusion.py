@@ -363,10 +363,13 @@ def lora_layers(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
 
 def export(components: Components, unet: UNet2DConditionModel, out_dir: str, *, lora: bool) -> None:
     """Write ``final/``: a diffusers LoRA (``pipeline.load_lora_weights(out_dir)``) or a full UNet folder."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    # the pipelines' own LoRA writers, without importing the pipelines (and their image processors)
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
     if lora:
-        pipeline_class = StableDiffusionXLPipeline if components.is_sdxl else StableDiffusionPipeline
+        pipeline_class = (
+            StableDiffusionXLLoraLoaderMixin if components.is_sdxl else StableDiffusionLoraLoaderMixin
+        )
         state = {key: value.detach().float().cpu().contiguous() for key, value in lora_layers(unet).items()}
         # The LoraConfig travels in the file's metadata: without it diffusers' loader assumes alpha = rank,
         # and a LoRA trained with alpha != rank would load with the wrong scale.
