@@ -118,6 +118,23 @@ def test_override_without_equals_sign(capsys, config_file):
     assert "'optim.lr'" in line and "key.sub=value" in line
 
 
+# ------------------------------------------------------------------------------------------ launch
+
+
+@pytest.mark.parametrize(
+    "variable, backend", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")]
+)
+def test_a_sharded_launch_backend_is_refused_before_it_can_hang(
+    capsys, monkeypatch, tmp_path, config_file, variable, backend
+):
+    """accelerate launch with deepspeed_zero2.yaml / fsdp2.yaml exports these variables; the recipe cannot
+    run sharded yet, so it must say so at once instead of crashing or hanging at the first validation."""
+    monkeypatch.setenv(variable, "true")
+    line = one_error(capsys, *train(config_file))
+    assert f"{variable}=true" in line and backend in line and "ddp.yaml" in line
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
 # ------------------------------------------------------------------------------------------ model
 
 

@@ -196,10 +196,31 @@ def check_model(components: diffusion.Components, cfg: TrainConfig) -> None:
         )
 
 
+# accelerate launch exports these from a DeepSpeed or FSDP launch file before the processes start
+_SHARDED_BACKENDS = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP"}
+
+
+def check_backend(environ=os.environ) -> None:
+    """Refuse, before any process group forms, the launch backends this recipe cannot run under yet.
+
+    Validation samples on rank 0 alone, and checkpoints and ``final/`` read whole parameters and optimizer
+    state; under ZeRO or FSDP those are sharded across ranks, so the run would crash or hang at the first
+    validation. DDP (``configs/accelerate/ddp.yaml``, torchrun) is the supported multi-process path.
+    """
+    for variable, name in _SHARDED_BACKENDS.items():
+        if environ.get(variable, "false").lower() == "true":
+            raise UserError(
+                f"launch: {variable}=true asks for {name}, which the diffusion preference recipe does not "
+                "support yet (its validation, checkpoints and export need unsharded weights); launch with "
+                "configs/accelerate/ddp.yaml or torchrun"
+            )
+
+
 def train(cfg: TrainConfig, *, base_val_reward: float | None = None) -> RunResult:
     """Run the recipe. ``base_val_reward``: the base model's validation reward, when another run already
     measured it with the same model, prompts, seeds and sampler (the control does); step 0 reuses it."""
     # 1. setup ---------------------------------------------------------------------------------------------
+    check_backend()
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
         mixed_precision=cfg.optim.mixed_precision,
