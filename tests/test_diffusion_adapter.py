@@ -40,6 +40,16 @@ LORA_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 CPU = torch.device("cpu")
 
 
+def add_random_lora(unet: UNet2DConditionModel, *, rank: int, alpha: float, targets=LORA_MODULES) -> None:
+    """A LoRA whose up-projections are random (peft starts them at zero), so that it changes the outputs."""
+    torch.manual_seed(0)
+    diffusion.add_lora(unet, rank=rank, alpha=alpha, dropout=0.0, target_modules=targets)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+
+
 def train_config(pipeline: str, data: str, out_dir, *overrides: str) -> TrainConfig:
     return load_config(None, [*run_overrides(pipeline, data, out_dir), *overrides])
 
@@ -471,12 +481,8 @@ def test_sdxl_conditioning_matches_the_sdxl_pipeline(tmp_path):
 
     # an SDXL LoRA export loads in StableDiffusionXLPipeline and reproduces the policy
     unet = components.unet
-    torch.manual_seed(0)
-    diffusion.add_lora(unet, rank=2, alpha=4.0, dropout=0.0, target_modules=LORA_MODULES)
+    add_random_lora(unet, rank=2, alpha=4.0)
     with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
         x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
         policy = unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
     diffusion.export(components, unet, str(tmp_path / "final"), lora=True)
@@ -516,12 +522,7 @@ def test_exported_lora_reloads_exactly_for_every_layer_kind(targets, tmp_path):
     round-trip: the reloaded final/ computes what the trained LoRA UNet computes (alpha ≠ rank)."""
     components = diffusion.load_components(TOY_BASE)
     unet = copy.deepcopy(components.unet)
-    torch.manual_seed(0)
-    diffusion.add_lora(unet, rank=4, alpha=8, dropout=0.0, target_modules=targets)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
+    add_random_lora(unet, rank=4, alpha=8, targets=targets)
     diffusion.export(components, unet, str(tmp_path), lora=True)
     reloaded = diffusion.load_aligned(components, str(tmp_path))
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -557,12 +558,7 @@ def test_sampling_in_nhwc_matches_nchw_and_leaves_the_weights_contiguous(pixel_p
 def test_sampling_copy_fuses_the_lora_and_leaves_the_policy_untouched(pixel_pipeline):
     components = diffusion.load_components(pixel_pipeline)
     unet = components.unet
-    torch.manual_seed(0)
-    diffusion.add_lora(unet, rank=4, alpha=4, dropout=0.0, target_modules=LORA_MODULES)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
+    add_random_lora(unet, rank=4, alpha=4)
     before = {name: p.detach().clone() for name, p in unet.named_parameters()}
     fused = diffusion.sampling_copy(unet)
     assert not any("lora" in name for name, _ in fused.named_parameters())
