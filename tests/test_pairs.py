@@ -51,7 +51,7 @@ def test_sampled_pairs_prefer_the_higher_reward_through_the_real_reader(pixel_pi
     records = read_pairs("pickapic", path)
     for record in records:
         chosen, rejected = (
-            torch.from_numpy(np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1)[None]
+            torch.from_numpy(np.array(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1)[None]
             / 255.0
             for b in (record.chosen, record.rejected)
         )
