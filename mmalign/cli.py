@@ -86,11 +86,19 @@ def _train(cfg) -> int:
     from mmalign.recipes import preference
 
     start = time.perf_counter()
+    preference.check_backend()
     if cfg.toy.enabled:
+        from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
+
         from mmalign.toy import assets
 
-        assets.ensure_base(cfg.model.path)
-        assets.ensure_pairs(cfg)
+        # Under several processes rank 0 builds what is missing while the others wait, then find it built.
+        # The process state is shared with the Accelerator made later, so it must see the same CPU flag.
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+        with state.main_process_first():
+            assets.ensure_base(cfg.model.path)
+            assets.ensure_pairs(cfg)
     result = preference.train(cfg)
     runs = {"aligned": result.output_dir}
     if cfg.toy.enabled and cfg.toy.control:

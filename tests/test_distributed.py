@@ -40,14 +40,16 @@ def overrides(pipeline: str, data: str, out, batch_size: int) -> list[str]:
     ]
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 300) -> None:
+def torchrun(nproc: int, args: list[str], timeout: float = 300) -> str:
+    """Run ``args`` (a script and its arguments, or ``-m module ...``) in ``nproc`` gloo processes; stdout."""
+    if args[0] != "-m":
+        args = [os.path.join(HERE, "_distributed_worker.py"), *args]
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
         f"--master_port={free_port()}",
-        os.path.join(HERE, "_distributed_worker.py"),
         *args,
     ]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
@@ -55,6 +57,7 @@ def torchrun(nproc: int, args: list[str], timeout: float = 300) -> None:
     assert done.returncode == 0, (
         f"torchrun exited with {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     )
+    return done.stdout
 
 
 def metrics(out) -> list[dict]:
@@ -98,6 +101,39 @@ def test_two_processes_equal_one_process_with_the_whole_batch(pixel_pipeline, pa
         for key in ("loss", "implicit_acc", "reward_margin", "grad_norm", "policy_err_w", "ref_err_l"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
     assert any(0 < row["implicit_acc"] < 1 for row in rows_one[1:]), "accuracies should not all be 0 or 1"
+
+
+@needs_gloo
+def test_toy_pairs_are_built_once_under_two_processes(tmp_path):
+    """``mmalign train`` under torchrun: rank 0 samples the missing toy pairs while rank 1 waits, then rank 1
+    finds them built (one "built" line), and both train on the same file."""
+    data = tmp_path / "data" / "pairs.parquet"
+    stdout = torchrun(
+        2,
+        [
+            "-m",
+            "mmalign",
+            "train",
+            os.path.join(ROOT, "configs", "quickstart.yaml"),
+            f"output_dir={tmp_path / 'run'}",
+            f"data.path={data}",
+            "toy.samples_per_prompt=2",
+            "toy.pairs_per_prompt=1",
+            "toy.control=false",
+            "sampling.steps=2",
+            "optim.max_steps=1",
+            "optim.batch_size=2",
+            "validation.every=0",
+            "eval.enabled=false",
+            "log.progress=false",
+            "log.tensorboard=false",
+        ],
+    )
+    assert stdout.count("best-vs-worst-of-2 pairs from base samples") == 1, stdout
+    assert sorted(os.listdir(data.parent)) == ["pairs.parquet"]
+    assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").exists()
+    # and the training was one 2-process run, not two single ones: a single rank 0 wrote one row
+    assert [row["step"] for row in metrics(tmp_path / "run")] == [1]
 
 
 # ------------------------------------------------------------------------------------ accelerate configs
