@@ -555,12 +555,13 @@ def test_sampling_in_nhwc_matches_nchw_and_leaves_the_weights_contiguous(pixel_p
     assert components.unet.conv_in.weight.is_contiguous()
 
 
-def test_sampling_copy_fuses_the_lora_and_leaves_the_policy_untouched(pixel_pipeline):
+def test_sampling_a_lora_policy_uses_a_fused_copy_and_leaves_the_policy_untouched(pixel_pipeline):
     components = diffusion.load_components(pixel_pipeline)
     unet = components.unet
     add_random_lora(unet, rank=4, alpha=4)
     before = {name: p.detach().clone() for name, p in unet.named_parameters()}
-    fused = diffusion.sampling_copy(unet)
+    with diffusion.for_sampling(unet) as fused:
+        assert fused is not unet
     assert not any("lora" in name for name, _ in fused.named_parameters())
     assert not any(p.requires_grad for p in fused.parameters())
     after = dict(unet.named_parameters())
@@ -576,3 +577,10 @@ def test_sampling_copy_fuses_the_lora_and_leaves_the_policy_untouched(pixel_pipe
         unet.enable_adapters()
     assert float((lora_out - base_out).abs().max()) > 1e-3
     torch.testing.assert_close(fused_out, lora_out, atol=1e-5, rtol=0)
+
+
+def test_sampling_a_fully_finetuned_policy_uses_it_in_eval_mode_without_a_copy(pixel_pipeline):
+    unet = diffusion.load_components(pixel_pipeline).unet.train()
+    with diffusion.for_sampling(unet) as model:
+        assert model is unet and not unet.training
+    assert unet.training

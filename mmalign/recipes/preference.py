@@ -412,15 +412,16 @@ def _build_validation(cfg: TrainConfig):
     reward = evaluate.build_reward_model(cfg.eval.reward)
 
     def validate(components: diffusion.Components, unet) -> float:
-        images = diffusion.sample(
-            components,
-            prompts,
-            seeds,
-            unet=diffusion.sampling_copy(unet),
-            steps=cfg.sampling.steps,
-            guidance_scale=cfg.sampling.guidance_scale,
-            batch_size=cfg.sampling.batch_size,
-        )
+        with diffusion.for_sampling(unet) as model:
+            images = diffusion.sample(
+                components,
+                prompts,
+                seeds,
+                unet=model,
+                steps=cfg.sampling.steps,
+                guidance_scale=cfg.sampling.guidance_scale,
+                batch_size=cfg.sampling.batch_size,
+            )
         return float(reward(images, prompts).mean())
 
     return validate
