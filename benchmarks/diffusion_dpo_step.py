@@ -167,13 +167,7 @@ def build_setup(model: str, pairs: int, device: torch.device) -> Setup:
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     components = diffusion.Components(unet, scheduler, text_encoder.to(device), tokenizer)
     unet.to(device)
-    params = diffusion.add_lora(
-        unet,
-        rank=cfg.lora.rank,
-        alpha=cfg.lora.alpha,
-        dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
-    )
+    params = preference.add_configured_lora(unet, cfg.lora)
     unet.train()
     optimizer = torch.optim.AdamW(
         params,

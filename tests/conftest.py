@@ -57,19 +57,33 @@ def text_encoder(vocab_size: int, max_length: int = 8) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def tiny_unet(in_channels: int, sample_size: int) -> UNet2DConditionModel:
+def tiny_unet(in_channels: int, sample_size: int, **config) -> UNet2DConditionModel:
+    """Two blocks of 8 and 16 channels, one cross-attention; ``config`` overrides or adds UNet settings."""
+    settings = {
+        "block_out_channels": (8, 16),
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "cross_attention_dim": 32,
+        "attention_head_dim": 4,
+        **config,
+    }
     return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
+        sample_size=sample_size, in_channels=in_channels, out_channels=in_channels, **settings
     )
+
+
+# what DESIGN.md asks eval.json to hold, plus the three keys of the toy quickstart
+EVAL_KEYS = (
+    "base_reward_mean",
+    "aligned_reward_mean",
+    "win_rate",
+    "num_samples",
+    "control_win_rate",
+    "base_error_rate",
+    "aligned_error_rate",
+)
 
 
 def build_pipeline(path, *, vae: bool, prediction_type: str = "epsilon") -> str:

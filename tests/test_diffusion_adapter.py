@@ -18,7 +18,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import WORDS, run_overrides, text_encoder, word_tokenizer
+from conftest import WORDS, run_overrides, text_encoder, tiny_unet, word_tokenizer
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -401,17 +401,10 @@ def test_exported_lora_loads_in_stable_diffusion_pipeline(sd_pipeline, pairs_par
 def tiny_sdxl(path) -> diffusion.Components:
     """Two text encoders (hidden 32 + 32), pooled projection 16, 6 time ids × 8 dims: 16 + 48 = 64 inputs."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = tiny_unet(
+        4,
+        8,
         cross_attention_dim=64,
-        attention_head_dim=4,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=16 + 6 * 8,

@@ -3,6 +3,7 @@
 import math
 
 import torch
+from conftest import EVAL_KEYS
 
 from mmalign.recipes import evaluate
 
@@ -44,15 +45,7 @@ def test_summary_has_design_keys_and_correct_numbers():
     aligned = scored([0.6, 0.4, 0.7, 0.6], prompts, [False, False, True, False])
     control = scored([0.4, 0.5, 0.5, 0.4], prompts, [True, True, True, False])
     s = evaluate.summarize(base, {"aligned": aligned, "control": control})
-    for key in (
-        "base_reward_mean",
-        "aligned_reward_mean",
-        "win_rate",
-        "num_samples",
-        "control_win_rate",
-        "base_error_rate",
-        "aligned_error_rate",
-    ):
+    for key in EVAL_KEYS:
         assert key in s
     assert s["num_samples"] == 4
     assert math.isclose(s["aligned_reward_mean"], 0.575)

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+from conftest import EVAL_KEYS
 
 from mmalign.cli import main
 
@@ -35,15 +36,7 @@ def test_quickstart_aligns_the_toy_model(tmp_path, capsys):
     ):
         assert (out / name).exists(), name
     summary = json.loads((out / "eval.json").read_text())
-    for key in (
-        "base_reward_mean",
-        "aligned_reward_mean",
-        "win_rate",
-        "num_samples",
-        "control_win_rate",
-        "base_error_rate",
-        "aligned_error_rate",
-    ):
+    for key in EVAL_KEYS:
         assert key in summary
     assert summary["num_samples"] >= 128
     # the preferences did the work: the aligned model beats the base and the no-label control

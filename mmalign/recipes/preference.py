@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from mmalign import checkpoint
 from mmalign.adapters import diffusion
-from mmalign.config import TrainConfig, to_yaml
+from mmalign.config import LoraConfig, TrainConfig, to_yaml
 from mmalign.data import PairDataset, read_pairs, validate_images
 from mmalign.errors import UserError
 from mmalign.losses import PAIRWISE, get_loss
@@ -196,6 +196,13 @@ def check_model(components: diffusion.Components, cfg: TrainConfig) -> None:
         )
 
 
+def add_configured_lora(unet, lora: LoraConfig) -> list[torch.nn.Parameter]:
+    """The ``lora`` section's adapters on ``unet``; returns the trainable parameters."""
+    return diffusion.add_lora(
+        unet, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules
+    )
+
+
 # accelerate launch exports these from a DeepSpeed or FSDP launch file before the processes start
 _SHARDED_BACKENDS = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP"}
 
@@ -239,13 +246,7 @@ def train(cfg: TrainConfig, *, base_val_reward: float | None = None) -> RunResul
     torch.manual_seed(cfg.optim.seed)  # the LoRA initialisation, identical on every rank
     frozen = None
     if cfg.lora.enabled:
-        params = diffusion.add_lora(
-            unet,
-            rank=cfg.lora.rank,
-            alpha=cfg.lora.alpha,
-            dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules,
-        )
+        params = add_configured_lora(unet, cfg.lora)
     else:
         frozen = copy.deepcopy(unet).requires_grad_(False).eval()
         params = list(unet.parameters())
