@@ -9,6 +9,11 @@ A checkpoint folder ``step-N/`` holds
 It is first written to ``step-N.tmp`` and renamed into place, so a crash never leaves a half checkpoint that
 ``resume=latest`` would pick up. The reference model is never stored: it is always the initial model,
 rebuilt from ``model.path``.
+
+Tensors are stored whole whatever the launch: under FSDP2 each is gathered from its shards while it is
+written and split again while it is read (``mmalign.distributed``), so a checkpoint of a sharded run resumes
+on one process and the other way round. That is why every rank calls ``save`` and ``save_weights`` (only the
+one given ``write=True`` writes) and every rank calls ``load``.
 """
 
 from __future__ import annotations
@@ -21,37 +26,58 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmalign.distributed import like, whole
 from mmalign.errors import UserError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in module.named_parameters() if p.requires_grad}
+def trainable_state(module: torch.nn.Module, *, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The trained parameters by name, whole and on the CPU. Collective under FSDP2; with ``keep=False`` this
+    rank takes part in the gathers and returns an empty dict."""
+    state = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            value = whole(p.detach())
+            if keep:
+                state[name] = value.cpu().contiguous()
+    return state
 
 
-def save(folder: str, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Write one checkpoint atomically (call on the main process only)."""
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(trainable_state(module), os.path.join(tmp, "trainable.safetensors"))
-    tensors, meta = _flatten_optimizer(optimizer)
+def save(
+    folder: str, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, write: bool = True
+) -> None:
+    """Write one checkpoint atomically. Every rank calls it; only the one with ``write=True`` writes."""
+    weights = trainable_state(module, keep=write)
+    tensors, meta = _flatten_optimizer(optimizer, keep=write)
+    if not write:
+        return
+    tmp = _fresh(folder + ".tmp")
+    save_file(weights, os.path.join(tmp, "trainable.safetensors"))
     save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
     with open(os.path.join(tmp, "optimizer.json"), "w") as f:
         json.dump(meta, f)
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(state, f, indent=2)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    _publish(tmp, folder)
 
 
-def save_weights(folder: str, module: torch.nn.Module) -> None:
-    """Write only the trained parameters (the best-so-far snapshot), atomically."""
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(trainable_state(module), os.path.join(tmp, "trainable.safetensors"))
+def save_weights(folder: str, module: torch.nn.Module, *, write: bool = True) -> None:
+    """Write only the trained parameters (the best-so-far snapshot), atomically; every rank calls it."""
+    weights = trainable_state(module, keep=write)
+    if write:
+        tmp = _fresh(folder + ".tmp")
+        save_file(weights, os.path.join(tmp, "trainable.safetensors"))
+        _publish(tmp, folder)
+
+
+def _fresh(path: str) -> str:
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
+
+
+def _publish(tmp: str, folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 
@@ -59,15 +85,20 @@ def save_weights(folder: str, module: torch.nn.Module) -> None:
 def load_weights(folder: str, module: torch.nn.Module) -> None:
     """Copy saved trained parameters into ``module``; every saved name must be a trainable parameter."""
     saved = load_file(os.path.join(folder, "trainable.safetensors"))
-    params = dict(module.named_parameters())
-    unknown = sorted(set(saved) - set(params))
+    unknown = sorted(set(saved) - {name for name, _ in module.named_parameters()})
     if unknown:
         raise UserError(
             f"{folder}: checkpoint has parameters this model lacks, e.g. {unknown[0]!r} (other LoRA config?)"
         )
+    assign(module, saved)
+
+
+def assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors into the parameters of the same names (this rank's rows of a sharded one)."""
+    params = dict(module.named_parameters())
     with torch.no_grad():
-        for name, value in saved.items():
-            params[name].copy_(value)
+        for name, value in tensors.items():
+            params[name].copy_(like(value, params[name]))
 
 
 def load(folder: str, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -78,9 +109,13 @@ def load(folder: str, *, module: torch.nn.Module, optimizer: torch.optim.Optimiz
     load_weights(folder, module)
     with open(os.path.join(folder, "optimizer.json")) as f:
         meta = json.load(f)
-    optimizer.load_state_dict(
-        _unflatten_optimizer(load_file(os.path.join(folder, "optimizer.safetensors")), meta)
-    )
+    state_dict = _unflatten_optimizer(load_file(os.path.join(folder, "optimizer.safetensors")), meta)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
+    for index, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.shape == params[index].shape:  # not the scalar step
+                entry[key] = like(value, params[index])
+    optimizer.load_state_dict(state_dict)
     with open(os.path.join(folder, "state.json")) as f:
         return json.load(f)
 
@@ -100,13 +135,17 @@ def prune(checkpoints_dir: str, keep: int) -> None:
         shutil.rmtree(os.path.join(checkpoints_dir, f"step-{step}"), ignore_errors=True)
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def _flatten_optimizer(
+    optimizer: torch.optim.Optimizer, *, keep: bool
+) -> tuple[dict[str, torch.Tensor], dict]:
     state_dict = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, entry in state_dict["state"].items():
         for key, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                value = whole(value.detach())  # collective for a sharded parameter's state
+                if keep:
+                    tensors[f"{index}.{key}"] = value.cpu().contiguous()
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}

@@ -122,16 +122,22 @@ def test_override_without_equals_sign(capsys, config_file):
 
 
 @pytest.mark.parametrize(
-    "variable, backend", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")]
+    "environment, named",
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "ACCELERATE_USE_DEEPSPEED=true"),
+        ({"ACCELERATE_USE_FSDP": "true"}, "FSDP_VERSION=1"),  # accelerate's default version
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP_VERSION=1"),
+    ],
 )
-def test_a_sharded_launch_backend_is_refused_before_it_can_hang(
-    capsys, monkeypatch, tmp_path, config_file, variable, backend
+def test_an_unsupported_launch_backend_is_refused_before_it_can_hang(
+    capsys, monkeypatch, tmp_path, config_file, environment, named
 ):
-    """accelerate launch with deepspeed_zero2.yaml / fsdp2.yaml exports these variables; the recipe cannot
-    run sharded yet, so it must say so at once instead of crashing or hanging at the first validation."""
-    monkeypatch.setenv(variable, "true")
+    """accelerate launch exports these variables from a launch file; a backend the recipe cannot run under
+    must be named at once, with the launch files that work, instead of crashing or hanging later."""
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
     line = one_error(capsys, *train(config_file))
-    assert f"{variable}=true" in line and backend in line and "ddp.yaml" in line
+    assert named in line and "fsdp2.yaml" in line
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 

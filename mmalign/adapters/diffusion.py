@@ -24,6 +24,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
+from mmalign.distributed import is_sharded
 from mmalign.errors import UserError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -67,7 +68,7 @@ def load_components(path: str, *, dtype: torch.dtype = torch.float32) -> Compone
                 "(a pipeline folder needs unet/, scheduler/, text_encoder/, tokenizer/ and optionally vae/)"
             )
     local = {"local_files_only": True}
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **local)
+    unet = load_unet(path, dtype=dtype)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **local)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype, **local)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), **local)
@@ -84,6 +85,13 @@ def load_components(path: str, *, dtype: torch.dtype = torch.float32) -> Compone
         if module is not None:
             module.requires_grad_(False).eval()
     return Components(unet, scheduler, text_encoder, tokenizer, vae, text_encoder_2, tokenizer_2)
+
+
+def load_unet(path: str, *, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """The UNet alone of the pipeline folder ``path`` (checked by ``load_components``)."""
+    return UNet2DConditionModel.from_pretrained(
+        path, subfolder="unet", torch_dtype=dtype, local_files_only=True
+    )
 
 
 def save_components(components: Components, path: str, *, unet: UNet2DConditionModel | None = None) -> None:
@@ -267,6 +275,8 @@ def sample(
     whatever the batch it is drawn in — the before/after comparison is paired.
     """
     unet = unet or components.unet
+    if is_sharded(unet):  # FSDP2 owns the layout of its sharded and gathered weights
+        return _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size)
     with channels_last(unet):
         return _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size)
 
@@ -397,10 +407,11 @@ def for_sampling(unet: UNet2DConditionModel):
     """The UNet under training, ready to sample from (validation).
 
     With a LoRA: a frozen copy with the LoRA fused in. Fusing into the trained UNet and back would perturb
-    the base weights that the reference is. Without one (full fine-tuning): the UNet itself in eval mode,
-    since a copy of a whole model would cost its size in memory; its mode is restored afterwards.
+    the base weights that the reference is. Without one (full fine-tuning), or when FSDP2 shards the UNet
+    (its forward is collective, and a copy would not be): the UNet itself in eval mode; its mode is restored
+    afterwards.
     """
-    if getattr(unet, "peft_config", None):
+    if getattr(unet, "peft_config", None) and not is_sharded(unet):
         import copy
 
         yield fuse_lora(copy.deepcopy(unet).requires_grad_(False)).eval()

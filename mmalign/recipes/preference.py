@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from mmalign import checkpoint
+from mmalign import checkpoint, distributed
 from mmalign.adapters import diffusion
 from mmalign.config import LoraConfig, TrainConfig, to_yaml
 from mmalign.data import PairDataset, read_pairs, validate_images
@@ -203,35 +203,50 @@ def add_configured_lora(unet, lora: LoraConfig) -> list[torch.nn.Parameter]:
     )
 
 
-# accelerate launch exports these from a DeepSpeed or FSDP launch file before the processes start
-_SHARDED_BACKENDS = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP"}
-
-
 def check_backend(environ=os.environ) -> None:
-    """Refuse, before any process group forms, the launch backends this recipe cannot run under yet.
+    """Refuse, before any process group forms, the launch backends this recipe cannot run under.
 
-    Validation samples on rank 0 alone, and checkpoints and ``final/`` read whole parameters and optimizer
-    state; under ZeRO or FSDP those are sharded across ranks, so the run would crash or hang at the first
-    validation. DDP (``configs/accelerate/ddp.yaml``, torchrun) is the supported multi-process path.
+    accelerate launch exports these variables from the launch file. FSDP2 (``configs/accelerate/fsdp2.yaml``)
+    and DDP are supported. FSDP1 wraps the model in one flat parameter, which the reference switch (LoRA
+    disabled) and the whole-tensor checkpoints do not handle; DeepSpeed partitions the optimizer outside
+    torch's optimizer API that checkpoints read.
     """
-    for variable, name in _SHARDED_BACKENDS.items():
-        if environ.get(variable, "false").lower() == "true":
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise UserError(
+            "launch: ACCELERATE_USE_DEEPSPEED=true asks for DeepSpeed, which the diffusion preference recipe "
+            "does not support yet; launch with configs/accelerate/fsdp2.yaml (sharded) or ddp.yaml"
+        )
+    if environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        version = environ.get("FSDP_VERSION", "1")
+        if version != "2":
             raise UserError(
-                f"launch: {variable}=true asks for {name}, which the diffusion preference recipe does not "
-                "support yet (its validation, checkpoints and export need unsharded weights); launch with "
-                "configs/accelerate/ddp.yaml or torchrun"
+                f"launch: FSDP_VERSION={version} (fsdp_version in the launch file) is not supported by the "
+                "diffusion preference recipe (accepted: 2); launch with configs/accelerate/fsdp2.yaml"
             )
 
 
-def train(cfg: TrainConfig, *, base_val_reward: float | None = None) -> RunResult:
-    """Run the recipe. ``base_val_reward``: the base model's validation reward, when another run already
-    measured it with the same model, prompts, seeds and sampler (the control does); step 0 reuses it."""
+def train(
+    cfg: TrainConfig, *, base_val_reward: float | None = None, accelerator: Accelerator | None = None
+) -> RunResult:
+    """Run the recipe.
+
+    ``base_val_reward``: the base model's validation reward, when another run already measured it with the
+    same model, prompts, seeds and sampler (the control does); step 0 reuses it. ``accelerator``: one built
+    by the caller (with its own plugins); by default the recipe builds it from the launch environment. Its
+    gradient accumulation must be the config's.
+    """
     # 1. setup ---------------------------------------------------------------------------------------------
     check_backend()
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
-        mixed_precision=cfg.optim.mixed_precision,
-    )
+    if accelerator is None:
+        accelerator = Accelerator(
+            gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
+            mixed_precision=cfg.optim.mixed_precision,
+        )
+    elif accelerator.gradient_accumulation_steps != cfg.optim.gradient_accumulation_steps:
+        raise ValueError(
+            f"the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, the config "
+            f"{cfg.optim.gradient_accumulation_steps} (optim.gradient_accumulation_steps)"
+        )
     out_dir, ckpt_dir = cfg.output_dir, os.path.join(cfg.output_dir, "checkpoints")
     is_main = accelerator.is_main_process
 
@@ -289,6 +304,12 @@ def train(cfg: TrainConfig, *, base_val_reward: float | None = None) -> RunResul
         num_training_steps=cfg.optim.max_steps,
     )
     model, optimizer = accelerator.prepare(unet, optimizer)
+    sharded = distributed.is_sharded(unet)  # FSDP2 shards the UNet in place
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 swaps in sharded parameters
+    if sharded and frozen is not None:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        frozen = fsdp2_prepare_model(accelerator, frozen)  # the reference is sharded like the policy
 
     # 5. resume --------------------------------------------------------------------------------------------
     start_step, best = 0, {"reward": -math.inf, "step": None}
@@ -311,11 +332,12 @@ def train(cfg: TrainConfig, *, base_val_reward: float | None = None) -> RunResul
         dynamic_ncols=True,
     )
 
-    if validation is not None and start_step == 0 and is_main:
+    if validation is not None and start_step == 0:
         # step 0 is the base model itself: the line every later validation reward is judged against
-        reward = validation(components, unet) if base_val_reward is None else base_val_reward
+        reward = validation(components, unet, accelerator) if base_val_reward is None else base_val_reward
         val_history.append((0, reward))
-        _write_metrics(out_dir, {"step": 0, "val_reward": reward}, writer)
+        if is_main:
+            _write_metrics(out_dir, {"step": 0, "val_reward": reward}, writer)
 
     window: dict[str, list[torch.Tensor]] = {}
     window_start = time.perf_counter()
@@ -330,7 +352,9 @@ def train(cfg: TrainConfig, *, base_val_reward: float | None = None) -> RunResul
                 # 8. backward and step
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                    grad_norm = distributed.whole(
+                        accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                    )
                     window.setdefault("grad_norm", []).append(grad_norm.detach().float().reshape(1))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -353,30 +377,31 @@ def train(cfg: TrainConfig, *, base_val_reward: float | None = None) -> RunResul
 
         # 10. validate on held-out prompts (not the test prompts) and keep the best
         if validation is not None and (done % cfg.validation.every == 0 or done == cfg.optim.max_steps):
+            reward = validation(components, unet, accelerator)  # every rank samples its share
+            val_history.append((done, reward))
             if is_main:
-                reward = validation(components, unet)
-                val_history.append((done, reward))
                 _write_metrics(out_dir, {"step": done, "val_reward": reward}, writer)
-                if reward > best["reward"]:
-                    best = {"reward": reward, "step": done}
-                    checkpoint.save_weights(os.path.join(ckpt_dir, "best"), unet)
+            if reward > best["reward"]:
+                best = {"reward": reward, "step": done}
+                checkpoint.save_weights(os.path.join(ckpt_dir, "best"), unet, write=is_main)
             accelerator.wait_for_everyone()
 
         # 11. checkpoint (written once, atomically)
         if done % cfg.checkpoint.every == 0 or done == cfg.optim.max_steps:
+            state = {
+                "step": done,
+                "schedule": schedule.state_dict(),
+                "best": best,
+                "val_history": val_history,
+            }
+            checkpoint.save(
+                os.path.join(ckpt_dir, f"step-{done}"),
+                module=unet,
+                optimizer=optimizer.optimizer,
+                state=state,
+                write=is_main,
+            )
             if is_main:
-                state = {
-                    "step": done,
-                    "schedule": schedule.state_dict(),
-                    "best": best,
-                    "val_history": val_history,
-                }
-                checkpoint.save(
-                    os.path.join(ckpt_dir, f"step-{done}"),
-                    module=unet,
-                    optimizer=optimizer.optimizer,
-                    state=state,
-                )
                 checkpoint.prune(ckpt_dir, cfg.checkpoint.keep)
             accelerator.wait_for_everyone()
     bar.close()
@@ -386,11 +411,13 @@ def train(cfg: TrainConfig, *, base_val_reward: float | None = None) -> RunResul
     # 12. export the best (or last) weights to final/ in the ecosystem's own format
     exported = cfg.optim.max_steps
     final_dir = os.path.join(out_dir, "final")
+    if cfg.validation.keep_best and best["step"] is not None:
+        checkpoint.load_weights(os.path.join(ckpt_dir, "best"), unet)
+        exported = best["step"]
+    # a sharded UNet is gathered into an unsharded one on rank 0 (every rank takes part in the gathers)
+    policy = _unsharded_policy(cfg, unet, keep=is_main) if sharded else unet
     if is_main:
-        if cfg.validation.keep_best and best["step"] is not None:
-            checkpoint.load_weights(os.path.join(ckpt_dir, "best"), unet)
-            exported = best["step"]
-        diffusion.export(components, unet, final_dir, lora=cfg.lora.enabled)
+        diffusion.export(components, policy, final_dir, lora=cfg.lora.enabled)
         with open(os.path.join(final_dir, "mmalign.json"), "w") as f:
             json.dump(
                 {
@@ -406,24 +433,48 @@ def train(cfg: TrainConfig, *, base_val_reward: float | None = None) -> RunResul
     return RunResult(out_dir, final_dir, exported, val_history)
 
 
+def _unsharded_policy(cfg: TrainConfig, unet, *, keep: bool):
+    """The trained UNet as one plain module on the rank with ``keep`` (None elsewhere): the base UNet read
+    again from ``model.path``, with the LoRA of the config, and the gathered trained parameters."""
+    trained = checkpoint.trainable_state(unet, keep=keep)  # collective
+    if not keep:
+        return None
+    policy = diffusion.load_unet(cfg.model.path, dtype=unet.dtype)
+    if cfg.lora.enabled:
+        add_configured_lora(policy, cfg.lora)
+    missing = sorted(set(checkpoint.trainable_state(policy, keep=True)) - set(trained))
+    if missing:
+        raise RuntimeError(f"the gathered UNet lacks trained parameters, e.g. {missing[0]!r}")
+    checkpoint.assign(policy, trained)
+    return policy
+
+
 def _build_validation(cfg: TrainConfig):
-    """A function (components, unet) → mean reward on the validation prompts."""
+    """A function (components, unet, accelerator) → mean reward on the validation prompts.
+
+    The prompt/seed pairs are split across the ranks (each samples a contiguous share, padded to equal
+    length, since a sharded UNet's forward is collective) and the rewards gathered in their original order,
+    so the mean is the one a single process computes.
+    """
     prompts = evaluate.prompt_list(cfg.validation.prompts, key="validation.prompts")
     prompts, seeds = evaluate.prompt_seeds(prompts, cfg.validation.seeds_per_prompt, first_seed=2000)
     reward = evaluate.build_reward_model(cfg.eval.reward)
 
-    def validate(components: diffusion.Components, unet) -> float:
+    def validate(components: diffusion.Components, unet, accelerator: Accelerator) -> float:
+        share = distributed.rank_chunk(len(prompts), accelerator.process_index, accelerator.num_processes)
+        my_prompts = [prompts[i] for i in share]
         with diffusion.for_sampling(unet) as model:
             images = diffusion.sample(
                 components,
-                prompts,
-                seeds,
+                my_prompts,
+                [seeds[i] for i in share],
                 unet=model,
                 steps=cfg.sampling.steps,
                 guidance_scale=cfg.sampling.guidance_scale,
                 batch_size=cfg.sampling.batch_size,
             )
-        return float(reward(images, prompts).mean())
+        rewards = reward(images, my_prompts).float().to(accelerator.device)  # (share,)
+        return float(accelerator.gather(rewards)[: len(prompts)].mean())
 
     return validate
 
