@@ -323,6 +323,8 @@ def train(
         if is_main:
             _truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), start_step)
     validation = _build_validation(cfg) if cfg.validation.every else None
+    if is_main and cfg.log.progress:
+        print(_describe(cfg, len(dataset), accelerator, sharded, start_step), flush=True)
     writer = _tensorboard(out_dir) if (is_main and cfg.log.tensorboard) else None
     bar = tqdm(
         total=cfg.optim.max_steps,
@@ -431,6 +433,16 @@ def train(
             )
     accelerator.wait_for_everyone()
     return RunResult(out_dir, final_dir, exported, val_history)
+
+
+def _describe(cfg: TrainConfig, num_pairs: int, accelerator: Accelerator, sharded: bool, start: int) -> str:
+    """One line on what is about to run, e.g. ``dpo on 640 pairs, LoRA rank 8, 2 processes (FSDP2) ...``."""
+    trained = f"LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "full fine-tuning"
+    world = accelerator.num_processes
+    launch = "1 process" if world == 1 else f"{world} processes ({'FSDP2' if sharded else 'DDP'})"
+    batch = f"global batch {cfg.optim.batch_size * cfg.optim.gradient_accumulation_steps * world}"
+    resumed = f", resuming at step {start}" if start else ""
+    return f"{cfg.loss.name} on {num_pairs} pairs, {trained}, {launch}, {batch}, {cfg.optim.max_steps} steps{resumed}"
 
 
 def _unsharded_policy(cfg: TrainConfig, unet, *, keep: bool):
