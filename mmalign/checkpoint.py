@@ -26,7 +26,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmalign.distributed import like, whole
+from mmalign import distributed
 from mmalign.errors import UserError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -38,7 +38,7 @@ def trainable_state(module: torch.nn.Module, *, keep: bool = True) -> dict[str, 
     state = {}
     for name, p in module.named_parameters():
         if p.requires_grad:
-            value = whole(p.detach())
+            value = distributed.whole(p)
             if keep:
                 state[name] = value.cpu().contiguous()
     return state
@@ -96,9 +96,8 @@ def load_weights(folder: str, module: torch.nn.Module) -> None:
 def assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy whole tensors into the parameters of the same names (this rank's rows of a sharded one)."""
     params = dict(module.named_parameters())
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(like(value, params[name]))
+    for name, value in tensors.items():
+        distributed.assign(params[name], value)
 
 
 def load(folder: str, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -110,12 +109,15 @@ def load(folder: str, *, module: torch.nn.Module, optimizer: torch.optim.Optimiz
     with open(os.path.join(folder, "optimizer.json")) as f:
         meta = json.load(f)
     state_dict = _unflatten_optimizer(load_file(os.path.join(folder, "optimizer.safetensors")), meta)
-    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
-    for index, entry in state_dict["state"].items():
-        for key, value in entry.items():
-            if torch.is_tensor(value) and value.shape == params[index].shape:  # not the scalar step
-                entry[key] = like(value, params[index])
-    optimizer.load_state_dict(state_dict)
+    if distributed.is_zero_optimizer(optimizer):
+        distributed.load_zero_state_dict(optimizer, state_dict)
+    else:
+        params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
+        for index, entry in state_dict["state"].items():
+            for key, value in entry.items():
+                if torch.is_tensor(value) and value.shape == params[index].shape:  # not the scalar step
+                    entry[key] = distributed.like(value, params[index])
+        optimizer.load_state_dict(state_dict)
     with open(os.path.join(folder, "state.json")) as f:
         return json.load(f)
 
@@ -138,12 +140,15 @@ def prune(checkpoints_dir: str, keep: int) -> None:
 def _flatten_optimizer(
     optimizer: torch.optim.Optimizer, *, keep: bool
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    state_dict = optimizer.state_dict()
+    if distributed.is_zero_optimizer(optimizer):
+        state_dict = distributed.zero_state_dict(optimizer, keep=keep)  # gathered already
+    else:
+        state_dict = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, entry in state_dict["state"].items():
         for key, value in entry.items():
             if torch.is_tensor(value):
-                value = whole(value.detach())  # collective for a sharded parameter's state
+                value = distributed.whole(value)  # collective for a sharded parameter's state
                 if keep:
                     tensors[f"{index}.{key}"] = value.cpu().contiguous()
             else:

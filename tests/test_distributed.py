@@ -6,6 +6,7 @@ its slice of the same deterministic pair stream, DDP averages the gradients, and
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -266,3 +267,45 @@ def test_fsdp2_full_fine_tuning_shards_the_reference_and_exports_the_whole_unet(
     for a, b in zip(metrics(fsdp), metrics(one)):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
         assert a["ref_err_w"] == pytest.approx(b["ref_err_w"], rel=1e-6, abs=1e-7)
+
+
+# -------------------------------------------------------------------------------------------- DeepSpeed
+
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')",
+)
+
+
+@needs_gloo
+@needs_deepspeed
+def test_deepspeed_zero2_run_equals_one_process_and_resumes_a_single_process_checkpoint(
+    pairs_parquet, tmp_path
+):
+    """Under deepspeed_zero2.yaml the fp32 master weights and Adam moments are partitioned across the ranks
+    inside DeepSpeed's optimizer, which also clips and accumulates. With the micro-batch, accumulation and
+    clipping handed over from the mmalign config, the run is the single-process run: same validation rewards,
+    whole-tensor checkpoints and exported LoRA; and a single-process checkpoint resumes under ZeRO."""
+    zero, one, resumed = tmp_path / "zero", tmp_path / "one", tmp_path / "resumed"
+    accumulate = ["optim.gradient_accumulation_steps=2", "optim.max_grad_norm=0.05"]
+    args = [*fsdp2_overrides(TOY_BASE, pairs_parquet, zero, 1, *accumulate), "log.progress=true"]
+    assert "2 processes (DeepSpeed ZeRO-2)" in torchrun(2, ["--float64", "--deepspeed", *args])
+    run_worker(["--float64", *fsdp2_overrides(TOY_BASE, pairs_parquet, one, 2, *accumulate)])
+
+    lora = "final/pytorch_lora_weights.safetensors"
+    assert max_difference(load_file(zero / lora), load_file(one / lora)) <= 1e-6
+    assert checkpoint_difference(zero, one, 2) <= 1e-6 and checkpoint_difference(zero, one, 3) <= 1e-6
+    rows_zero, rows_one = metrics(zero), metrics(one)
+    assert [row["step"] for row in rows_zero] == [row["step"] for row in rows_one]
+    for a, b in zip(rows_zero, rows_one):
+        for key in ("loss", "grad_norm", "val_reward"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+    assert any(row.get("grad_norm", 0) > 0.05 for row in rows_one), "clipping should have been active"
+
+    os.makedirs(resumed / "checkpoints")
+    shutil.copytree(one / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    shutil.copy(one / "metrics.jsonl", resumed / "metrics.jsonl")
+    args = fsdp2_overrides(TOY_BASE, pairs_parquet, resumed, 1, *accumulate, "checkpoint.resume=latest")
+    assert "resuming at step 2" in torchrun(2, ["--float64", "--deepspeed", *args, "log.progress=true"])
+    assert checkpoint_difference(resumed, one, 3) <= 1e-6

@@ -24,7 +24,6 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
-from mmalign.distributed import is_sharded
 from mmalign.errors import UserError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -183,6 +182,20 @@ def repeat_condition(
     return hidden, added
 
 
+def weight_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s (or a DDP / DeepSpeed wrapper's) floating-point weights."""
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+
+
+def as_dtype(
+    hidden: torch.Tensor, added: dict | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, dict | None]:
+    """The text condition in ``dtype`` (SDXL's pooled embeds and time ids too)."""
+    if added is not None:
+        added = {key: value.to(dtype) for key, value in added.items()}
+    return hidden.to(dtype), added
+
+
 # ------------------------------------------------------------------------------------------------- latents
 
 
@@ -235,8 +248,14 @@ def denoising_errors(
     hidden: torch.Tensor,
     added: dict | None = None,
 ) -> torch.Tensor:
-    """Per-sample mean squared error of the UNet's prediction; (N, C, H, W) inputs → (N,) fp32."""
+    """Per-sample mean squared error of the UNet's prediction; (N, C, H, W) inputs → (N,) fp32.
+
+    The UNet sees its inputs in its weights' dtype (a bf16 model under DeepSpeed's bf16); noising, target
+    and error stay in the inputs' precision.
+    """
     noisy = scheduler.add_noise(latents, noise, timesteps)  # (N, C, H, W)
+    hidden, added = as_dtype(hidden, added, weight_dtype(unet))
+    noisy = noisy.to(hidden.dtype)
     prediction = unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
     target = target_for(scheduler, latents, noise, timesteps)
     return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (N,)
@@ -268,14 +287,16 @@ def sample(
     steps: int = 20,
     guidance_scale: float = 1.5,
     batch_size: int = 128,
+    relayout: bool = True,
 ) -> torch.Tensor:
     """DDIM (η = 0) samples with classifier-free guidance; pixels in [0, 1], (B, 3, H, W).
 
     Each sample's starting noise comes from its own seed, so a (prompt, seed) pair gives the same image
-    whatever the batch it is drawn in — the before/after comparison is paired.
+    whatever the batch it is drawn in — the before/after comparison is paired. ``relayout``: hold the weights
+    channels-last meanwhile (``channels_last``); False where FSDP2 or DeepSpeed owns the weights' storage.
     """
     unet = unet or components.unet
-    if is_sharded(unet):  # FSDP2 owns the layout of its sharded and gathered weights
+    if not relayout:
         return _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size)
     with channels_last(unet):
         return _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size)
@@ -313,6 +334,7 @@ def _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size)
             hidden = torch.cat([uncond, hidden])  # (2b, L, D)
             if added is not None:
                 added = {key: torch.cat([added_uncond[key], added[key]]) for key in added}
+        hidden, added = as_dtype(hidden, added, noise.dtype)
         ddim.set_timesteps(steps, device=device)
         latents = noise * ddim.init_noise_sigma
         for t in ddim.timesteps:
@@ -403,15 +425,15 @@ def fuse_lora(unet: UNet2DConditionModel) -> UNet2DConditionModel:
 
 
 @contextlib.contextmanager
-def for_sampling(unet: UNet2DConditionModel):
+def for_sampling(unet: UNet2DConditionModel, *, fused_copy: bool = True):
     """The UNet under training, ready to sample from (validation).
 
-    With a LoRA: a frozen copy with the LoRA fused in. Fusing into the trained UNet and back would perturb
-    the base weights that the reference is. Without one (full fine-tuning), or when FSDP2 shards the UNet
-    (its forward is collective, and a copy would not be): the UNet itself in eval mode; its mode is restored
-    afterwards.
+    With a LoRA and ``fused_copy``: a frozen copy with the LoRA fused in. Fusing into the trained UNet and back
+    would perturb the base weights that the reference is. Otherwise — full fine-tuning, where a copy would
+    cost a whole model, or a UNet whose parameters FSDP2 or DeepSpeed own — the UNet itself in eval mode;
+    its mode is restored afterwards.
     """
-    if getattr(unet, "peft_config", None) and not is_sharded(unet):
+    if fused_copy and getattr(unet, "peft_config", None):
         import copy
 
         yield fuse_lora(copy.deepcopy(unet).requires_grad_(False)).eval()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -204,18 +205,13 @@ def add_configured_lora(unet, lora: LoraConfig) -> list[torch.nn.Parameter]:
 
 
 def check_backend(environ=os.environ) -> None:
-    """Refuse, before any process group forms, the launch backends this recipe cannot run under.
+    """Refuse, before any process group forms, a launch backend this recipe cannot run under.
 
-    accelerate launch exports these variables from the launch file. FSDP2 (``configs/accelerate/fsdp2.yaml``)
-    and DDP are supported. FSDP1 wraps the model in one flat parameter, which the reference switch (LoRA
-    disabled) and the whole-tensor checkpoints do not handle; DeepSpeed partitions the optimizer outside
-    torch's optimizer API that checkpoints read.
+    accelerate launch exports these variables from the launch file. DDP, FSDP2 (``fsdp2.yaml``) and DeepSpeed
+    ZeRO 1/2 (``deepspeed_zero2.yaml``) are supported. FSDP1 wraps the model in one flat parameter, which the
+    reference switch (LoRA disabled) and the whole-tensor checkpoints do not handle; ZeRO stage 3 partitions
+    the weights themselves, so that every forward would be collective and gathered differently.
     """
-    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise UserError(
-            "launch: ACCELERATE_USE_DEEPSPEED=true asks for DeepSpeed, which the diffusion preference recipe "
-            "does not support yet; launch with configs/accelerate/fsdp2.yaml (sharded) or ddp.yaml"
-        )
     if environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         version = environ.get("FSDP_VERSION", "1")
         if version != "2":
@@ -223,6 +219,37 @@ def check_backend(environ=os.environ) -> None:
                 f"launch: FSDP_VERSION={version} (fsdp_version in the launch file) is not supported by the "
                 "diffusion preference recipe (accepted: 2); launch with configs/accelerate/fsdp2.yaml"
             )
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        stage = environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        if stage not in ("1", "2"):
+            raise UserError(
+                f"launch: ACCELERATE_DEEPSPEED_ZERO_STAGE={stage} (zero_stage in the launch file) is not "
+                "supported by the diffusion preference recipe (accepted: 1, 2); launch with "
+                "configs/accelerate/deepspeed_zero2.yaml or fsdp2.yaml"
+            )
+
+
+def configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig) -> None:
+    """Hand DeepSpeed the batch, accumulation and clipping of the mmalign config, before ``prepare``.
+
+    No DataLoader is prepared, so DeepSpeed cannot infer its micro-batch; and it clips and accumulates
+    inside its own step, so those must be the config's, not the launch file's.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin.zero_stage not in (1, 2):
+        raise UserError(
+            f"launch: DeepSpeed ZeRO stage {plugin.zero_stage} is not supported by the diffusion preference "
+            "recipe (accepted: 1, 2); see configs/accelerate/deepspeed_zero2.yaml"
+        )
+    micro, accum = cfg.optim.batch_size, cfg.optim.gradient_accumulation_steps
+    plugin.deepspeed_config.update(
+        {
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": accum,
+            "train_batch_size": micro * accum * accelerator.num_processes,
+            "gradient_clipping": max(cfg.optim.max_grad_norm, 0.0),
+        }
+    )
 
 
 def train(
@@ -303,8 +330,17 @@ def train(
         num_warmup_steps=cfg.optim.warmup_steps,
         num_training_steps=cfg.optim.max_steps,
     )
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:
+        configure_deepspeed(accelerator, cfg)
     model, optimizer = accelerator.prepare(unet, optimizer)
     sharded = distributed.is_sharded(unet)  # FSDP2 shards the UNet in place
+    # Under FSDP2 and DeepSpeed the backend owns the parameters' storage: validation samples the UNet itself
+    # (no fused copy, no change of memory layout), and export gathers the weights into a fresh UNet.
+    owned = sharded or deepspeed
+    backend = "FSDP2" if sharded else "DDP"
+    if deepspeed:
+        backend = f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 swaps in sharded parameters
     if sharded and frozen is not None:
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
@@ -322,9 +358,9 @@ def train(
         val_history = [tuple(item) for item in state["val_history"]]
         if is_main:
             _truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), start_step)
-    validation = _build_validation(cfg) if cfg.validation.every else None
+    validation = _build_validation(cfg, fused_copy=not owned) if cfg.validation.every else None
     if is_main and cfg.log.progress:
-        print(_describe(cfg, len(dataset), accelerator, sharded, start_step), flush=True)
+        print(_describe(cfg, len(dataset), accelerator, backend, start_step), flush=True)
     writer = _tensorboard(out_dir) if (is_main and cfg.log.tensorboard) else None
     bar = tqdm(
         total=cfg.optim.max_steps,
@@ -354,10 +390,11 @@ def train(
                 # 8. backward and step
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
-                    grad_norm = distributed.whole(
-                        accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                    )
-                    window.setdefault("grad_norm", []).append(grad_norm.detach().float().reshape(1))
+                    # the norm before clipping; DeepSpeed clipped inside backward and reports its own
+                    grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                    if grad_norm is not None:
+                        grad_norm = torch.as_tensor(distributed.whole(torch.as_tensor(grad_norm)))
+                        window.setdefault("grad_norm", []).append(grad_norm.float().reshape(1).cpu())
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             for key, value in stats.items():
@@ -416,8 +453,8 @@ def train(
     if cfg.validation.keep_best and best["step"] is not None:
         checkpoint.load_weights(os.path.join(ckpt_dir, "best"), unet)
         exported = best["step"]
-    # a sharded UNet is gathered into an unsharded one on rank 0 (every rank takes part in the gathers)
-    policy = _unsharded_policy(cfg, unet, keep=is_main) if sharded else unet
+    # a sharded or ZeRO-managed UNet is gathered into a plain one on rank 0 (every rank takes part)
+    policy = _unsharded_policy(cfg, unet, keep=is_main) if owned else unet
     if is_main:
         diffusion.export(components, policy, final_dir, lora=cfg.lora.enabled)
         with open(os.path.join(final_dir, "mmalign.json"), "w") as f:
@@ -435,11 +472,11 @@ def train(
     return RunResult(out_dir, final_dir, exported, val_history)
 
 
-def _describe(cfg: TrainConfig, num_pairs: int, accelerator: Accelerator, sharded: bool, start: int) -> str:
+def _describe(cfg: TrainConfig, num_pairs: int, accelerator: Accelerator, backend: str, start: int) -> str:
     """One line on what is about to run, e.g. ``dpo on 640 pairs, LoRA rank 8, 2 processes (FSDP2) ...``."""
     trained = f"LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "full fine-tuning"
     world = accelerator.num_processes
-    launch = "1 process" if world == 1 else f"{world} processes ({'FSDP2' if sharded else 'DDP'})"
+    launch = "1 process" if world == 1 else f"{world} processes ({backend})"
     batch = f"global batch {cfg.optim.batch_size * cfg.optim.gradient_accumulation_steps * world}"
     resumed = f", resuming at step {start}" if start else ""
     return f"{cfg.loss.name} on {num_pairs} pairs, {trained}, {launch}, {batch}, {cfg.optim.max_steps} steps{resumed}"
@@ -461,12 +498,13 @@ def _unsharded_policy(cfg: TrainConfig, unet, *, keep: bool):
     return policy
 
 
-def _build_validation(cfg: TrainConfig):
+def _build_validation(cfg: TrainConfig, *, fused_copy: bool):
     """A function (components, unet, accelerator) → mean reward on the validation prompts.
 
     The prompt/seed pairs are split across the ranks (each samples a contiguous share, padded to equal
     length, since a sharded UNet's forward is collective) and the rewards gathered in their original order,
-    so the mean is the one a single process computes.
+    so the mean is the one a single process computes. ``fused_copy``: sample a fused copy of a LoRA policy (see
+    ``diffusion.for_sampling``); False when the launch backend owns the parameters.
     """
     prompts = evaluate.prompt_list(cfg.validation.prompts, key="validation.prompts")
     prompts, seeds = evaluate.prompt_seeds(prompts, cfg.validation.seeds_per_prompt, first_seed=2000)
@@ -475,12 +513,13 @@ def _build_validation(cfg: TrainConfig):
     def validate(components: diffusion.Components, unet, accelerator: Accelerator) -> float:
         share = distributed.rank_chunk(len(prompts), accelerator.process_index, accelerator.num_processes)
         my_prompts = [prompts[i] for i in share]
-        with diffusion.for_sampling(unet) as model:
+        with diffusion.for_sampling(unet, fused_copy=fused_copy) as model:
             images = diffusion.sample(
                 components,
                 my_prompts,
                 [seeds[i] for i in share],
                 unet=model,
+                relayout=fused_copy,
                 steps=cfg.sampling.steps,
                 guidance_scale=cfg.sampling.guidance_scale,
                 batch_size=cfg.sampling.batch_size,
