@@ -240,11 +240,15 @@ def test_fsdp2_run_equals_one_process_and_resumes_a_single_process_checkpoint(pa
 
     # resume: the single-process step-2 checkpoint, continued by two FSDP2 processes
     os.makedirs(resumed / "checkpoints")
-    shutil.copytree(one / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    # what an interrupted run leaves: step-2, the best-so-far snapshot (step 3 has moved it only if step 3 also
+    # validates better, which the resumed run then repeats), and the metrics
+    for folder in ("step-2", "best"):
+        shutil.copytree(one / "checkpoints" / folder, resumed / "checkpoints" / folder)
     shutil.copy(one / "metrics.jsonl", resumed / "metrics.jsonl")
     args = fsdp2_overrides(TOY_BASE, pairs_parquet, resumed, 2, "checkpoint.resume=latest")
     assert "resuming at step 2" in torchrun(2, ["--float64", "--fsdp2", *args, "log.progress=true"])
     assert checkpoint_difference(resumed, one, 3) <= 1e-6
+    assert max_difference(load_file(resumed / lora), load_file(one / lora)) <= 1e-6
     assert [row["step"] for row in metrics(resumed)] == [row["step"] for row in rows_one]
 
 
@@ -287,7 +291,13 @@ def test_deepspeed_zero2_run_equals_one_process_and_resumes_a_single_process_che
     clipping handed over from the mmalign config, the run is the single-process run: same validation rewards,
     whole-tensor checkpoints and exported LoRA; and a single-process checkpoint resumes under ZeRO."""
     zero, one, resumed = tmp_path / "zero", tmp_path / "one", tmp_path / "resumed"
-    accumulate = ["optim.gradient_accumulation_steps=2", "optim.max_grad_norm=0.05"]
+    # DeepSpeed accumulates, clips and steps inside its backward; the lr schedule stays the recipe's own
+    accumulate = [
+        "optim.gradient_accumulation_steps=2",
+        "optim.max_grad_norm=0.05",
+        "optim.lr_scheduler=linear",
+        "optim.warmup_steps=1",
+    ]
     args = [*fsdp2_overrides(TOY_BASE, pairs_parquet, zero, 1, *accumulate), "log.progress=true"]
     assert "2 processes (DeepSpeed ZeRO-2)" in torchrun(2, ["--float64", "--deepspeed", *args])
     run_worker(["--float64", *fsdp2_overrides(TOY_BASE, pairs_parquet, one, 2, *accumulate)])
@@ -297,15 +307,21 @@ def test_deepspeed_zero2_run_equals_one_process_and_resumes_a_single_process_che
     assert checkpoint_difference(zero, one, 2) <= 1e-6 and checkpoint_difference(zero, one, 3) <= 1e-6
     rows_zero, rows_one = metrics(zero), metrics(one)
     assert [row["step"] for row in rows_zero] == [row["step"] for row in rows_one]
+    # ZeRO keeps its master weights in fp32 even for a float64 model, and β = 5000 magnifies that rounding
+    # in the loss: the metrics agree to 1e-4, the weights to 1e-6
     for a, b in zip(rows_zero, rows_one):
         for key in ("loss", "grad_norm", "val_reward"):
             if key in b:
-                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
     assert any(row.get("grad_norm", 0) > 0.05 for row in rows_one), "clipping should have been active"
 
     os.makedirs(resumed / "checkpoints")
-    shutil.copytree(one / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    # what an interrupted run leaves: step-2, the best-so-far snapshot (step 3 has moved it only if step 3 also
+    # validates better, which the resumed run then repeats), and the metrics
+    for folder in ("step-2", "best"):
+        shutil.copytree(one / "checkpoints" / folder, resumed / "checkpoints" / folder)
     shutil.copy(one / "metrics.jsonl", resumed / "metrics.jsonl")
     args = fsdp2_overrides(TOY_BASE, pairs_parquet, resumed, 1, *accumulate, "checkpoint.resume=latest")
     assert "resuming at step 2" in torchrun(2, ["--float64", "--deepspeed", *args, "log.progress=true"])
     assert checkpoint_difference(resumed, one, 3) <= 1e-6
+    assert max_difference(load_file(resumed / lora), load_file(one / lora)) <= 1e-6
