@@ -125,6 +125,10 @@ def test_override_without_equals_sign(capsys, config_file):
     "environment, named",
     [
         ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "ZERO_STAGE=3"),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"},
+            "OFFLOAD_OPTIMIZER_DEVICE=cpu",
+        ),
         ({"ACCELERATE_USE_FSDP": "true"}, "FSDP_VERSION=1"),  # accelerate's default version
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP_VERSION=1"),
     ],

@@ -210,7 +210,8 @@ def check_backend(environ=os.environ) -> None:
     accelerate launch exports these variables from the launch file. DDP, FSDP2 (``fsdp2.yaml``) and DeepSpeed
     ZeRO 1/2 (``deepspeed_zero2.yaml``) are supported. FSDP1 wraps the model in one flat parameter, which the
     reference switch (LoRA disabled) and the whole-tensor checkpoints do not handle; ZeRO stage 3 partitions
-    the weights themselves, so that every forward would be collective and gathered differently.
+    the weights themselves, so that every forward would be collective and gathered differently; ZeRO
+    offload moves the optimizer step to DeepSpeed's CPU path, whose state the checkpoints do not read.
     """
     if environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         version = environ.get("FSDP_VERSION", "1")
@@ -221,10 +222,26 @@ def check_backend(environ=os.environ) -> None:
             )
     if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         stage = environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-        if stage not in ("1", "2"):
+        offload = {
+            name: environ.get(f"ACCELERATE_DEEPSPEED_{name.upper()}", "none")
+            for name in ("offload_optimizer_device", "offload_param_device")
+        }
+        _check_zero(stage, offload, "ACCELERATE_DEEPSPEED_")
+
+
+def _check_zero(stage, offload: dict[str, str | None], prefix: str) -> None:
+    """ZeRO stage 1 or 2 without offload; ``prefix`` names where the values came from."""
+    if str(stage) not in ("1", "2"):
+        raise UserError(
+            f"launch: {prefix}ZERO_STAGE={stage} (zero_stage in the launch file) is not supported by the "
+            "diffusion preference recipe (accepted: 1, 2); launch with configs/accelerate/deepspeed_zero2.yaml "
+            "or fsdp2.yaml"
+        )
+    for name, device in offload.items():
+        if device not in (None, "none"):
             raise UserError(
-                f"launch: ACCELERATE_DEEPSPEED_ZERO_STAGE={stage} (zero_stage in the launch file) is not "
-                "supported by the diffusion preference recipe (accepted: 1, 2); launch with "
+                f"launch: {prefix}{name.upper()}={device} ({name} in the launch file) is not supported by "
+                "the diffusion preference recipe (accepted: none); launch with "
                 "configs/accelerate/deepspeed_zero2.yaml or fsdp2.yaml"
             )
 
@@ -236,11 +253,12 @@ def configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig) -> None:
     inside its own step, so those must be the config's, not the launch file's.
     """
     plugin = accelerator.state.deepspeed_plugin
-    if plugin.zero_stage not in (1, 2):
-        raise UserError(
-            f"launch: DeepSpeed ZeRO stage {plugin.zero_stage} is not supported by the diffusion preference "
-            "recipe (accepted: 1, 2); see configs/accelerate/deepspeed_zero2.yaml"
-        )
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    offload = {
+        f"offload_{part}_device": zero.get(f"offload_{part}", {}).get("device")
+        for part in ("optimizer", "param")
+    }
+    _check_zero(plugin.zero_stage, offload, "DeepSpeed config: ")
     micro, accum = cfg.optim.batch_size, cfg.optim.gradient_accumulation_steps
     plugin.deepspeed_config.update(
         {
