@@ -364,6 +364,8 @@ def train(
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
         frozen = fsdp2_prepare_model(accelerator, frozen)  # the reference is sharded like the policy
+    if deepspeed and frozen is not None:
+        frozen.to(diffusion.weight_dtype(unet))  # DeepSpeed cast the policy (bf16 / fp16): the same precision
 
     # 5. resume --------------------------------------------------------------------------------------------
     start_step, best = 0, {"reward": -math.inf, "step": None}
@@ -411,8 +413,8 @@ def train(
                     # the norm before clipping; DeepSpeed clipped inside backward and reports its own
                     grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
                     if grad_norm is not None:
-                        grad_norm = torch.as_tensor(distributed.whole(torch.as_tensor(grad_norm)))
-                        window.setdefault("grad_norm", []).append(grad_norm.float().reshape(1).cpu())
+                        grad_norm = distributed.whole(torch.as_tensor(grad_norm)).float().reshape(1)
+                        window.setdefault("grad_norm", []).append(grad_norm.cpu())
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             for key, value in stats.items():
@@ -509,7 +511,7 @@ def _unsharded_policy(cfg: TrainConfig, unet, *, keep: bool):
     policy = diffusion.load_unet(cfg.model.path, dtype=unet.dtype)
     if cfg.lora.enabled:
         add_configured_lora(policy, cfg.lora)
-    missing = sorted(set(checkpoint.trainable_state(policy, keep=True)) - set(trained))
+    missing = sorted({name for name, p in policy.named_parameters() if p.requires_grad} - set(trained))
     if missing:
         raise RuntimeError(f"the gathered UNet lacks trained parameters, e.g. {missing[0]!r}")
     checkpoint.assign(policy, trained)
