@@ -432,7 +432,10 @@ def train(
             window, window_start = {}, time.perf_counter()
             if is_main:
                 _write_metrics(out_dir, row, writer)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('implicit_acc', float('nan')):.2f}")
+                shown = {"loss": f"{row['loss']:.4f}"}
+                if "implicit_acc" in row:  # a pairwise loss; the sft control has none
+                    shown["acc"] = f"{row['implicit_acc']:.2f}"
+                bar.set_postfix(shown)
 
         # 10. validate on held-out prompts (not the test prompts) and keep the best
         if validation is not None and (done % cfg.validation.every == 0 or done == cfg.optim.max_steps):
