@@ -10,9 +10,9 @@ It is first written to ``step-N.tmp`` and renamed into place, so a crash never l
 ``resume=latest`` would pick up. The reference model is never stored: it is always the initial model,
 rebuilt from ``model.path``.
 
-Tensors are stored whole whatever the launch: under FSDP2 each is gathered from its shards while it is
-written and split again while it is read (``mmalign.distributed``), so a checkpoint of a sharded run resumes
-on one process and the other way round. That is why every rank calls ``save`` and ``save_weights`` (only the
+Tensors are stored whole whatever the launch: under FSDP2 and DeepSpeed ZeRO each is gathered from its
+shards while it is written and split again while it is read (``mmalign.distributed``), so a checkpoint of a
+sharded run resumes on one process and the other way round. That is why every rank calls ``save`` and ``save_weights`` (only the
 one given ``write=True`` writes) and every rank calls ``load``.
 """
 
@@ -33,8 +33,8 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def trainable_state(module: torch.nn.Module, *, keep: bool = True) -> dict[str, torch.Tensor]:
-    """The trained parameters by name, whole and on the CPU. Collective under FSDP2; with ``keep=False`` this
-    rank takes part in the gathers and returns an empty dict."""
+    """The trained parameters by name, whole and on the CPU (ZeRO's fp32 masters). Collective under FSDP2 and
+    ZeRO; with ``keep=False`` this rank takes part in the gathers and returns an empty dict."""
     state = {}
     for name, p in module.named_parameters():
         if p.requires_grad:
@@ -94,7 +94,7 @@ def load_weights(folder: str, module: torch.nn.Module) -> None:
 
 
 def assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy whole tensors into the parameters of the same names (this rank's rows of a sharded one)."""
+    """Copy whole tensors into the parameters of the same names (this rank's part of a sharded one)."""
     params = dict(module.named_parameters())
     for name, value in tensors.items():
         distributed.assign(params[name], value)

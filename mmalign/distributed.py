@@ -137,14 +137,20 @@ def load_zero_state_dict(optimizer, state_dict: dict) -> None:
         # the partition's state, made the way the torch optimizer's first step would, then filled per parameter
         template = next(entry for entry in saved if entry)
         inner.state[flat] = {
-            key: torch.zeros_like(flat) if value.dim() else value.clone() for key, value in template.items()
+            key: torch.zeros_like(flat) if _is_per_element(value) else value
+            for key, value in template.items()
         }
     optimizer._hp_optimizer_states_linked = False
     optimizer._lazy_init_hp_params_optimizer_state()  # point each parameter at its slice of the new state
     for index, param in enumerate(zero_params(optimizer)):
         for key, value in (state_dict["state"].get(index) or {}).items():
-            if value.dim():
+            if _is_per_element(value):
                 safe_set_full_optimizer_state(param, value.to(device=param.device, dtype=torch.float32), key)
+
+
+def _is_per_element(value) -> bool:
+    """An optimizer state entry with one value per parameter element (Adam's moments, not its step)."""
+    return torch.is_tensor(value) and value.dim() > 0
 
 
 def rank_chunk(count: int, rank: int, world: int) -> list[int]:

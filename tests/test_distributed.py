@@ -325,3 +325,14 @@ def test_deepspeed_zero2_run_equals_one_process_and_resumes_a_single_process_che
     assert "resuming at step 2" in torchrun(2, ["--float64", "--deepspeed", *args, "log.progress=true"])
     assert checkpoint_difference(resumed, one, 3) <= 1e-6
     assert max_difference(load_file(resumed / lora), load_file(one / lora)) <= 1e-6
+
+
+@pytest.mark.parametrize("count, world", [(5, 2), (5, 3), (2, 4), (8, 4), (1, 1)])
+def test_validation_shares_are_equal_and_rejoin_in_order(count, world):
+    """Each rank samples an equal share (a sharded forward is collective); gathered in rank order and cut to
+    ``count``, the shares are the prompts in their original order, each once."""
+    from mmalign.distributed import rank_chunk
+
+    shares = [rank_chunk(count, rank, world) for rank in range(world)]
+    assert len({len(share) for share in shares}) == 1
+    assert [i for share in shares for i in share][:count] == list(range(count))
