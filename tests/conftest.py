@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -29,6 +30,9 @@ def run_overrides(pipeline: str, data: str, out_dir) -> list[str]:
     """Overrides for a tiny quiet run of ``pipeline`` on the pairs at ``data``, writing to ``out_dir``."""
     return [f"model.path={pipeline}", f"data.path={data}", f"output_dir={out_dir}", *QUIET_RUN]
 
+
+# the shipped toy base model
+TOY_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy-t2i")
 
 WORDS = ["a", "red", "green", "blue", "circle", "square", "cat", "dog", "on", "the", "left", "right"]
 
@@ -86,19 +90,24 @@ EVAL_KEYS = (
 )
 
 
+def tiny_vae() -> AutoencoderKL:
+    """A 4-channel latent VAE over 16×16 pixels (8×8 latents), two blocks of 4 and 8 channels."""
+    return AutoencoderKL(
+        block_out_channels=[4, 8],
+        norm_num_groups=2,
+        latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        sample_size=16,
+    )
+
+
 def build_pipeline(path, *, vae: bool, prediction_type: str = "epsilon") -> str:
     torch.manual_seed(0)
     tokenizer = word_tokenizer()
     autoencoder = None
     if vae:
-        autoencoder = AutoencoderKL(
-            block_out_channels=[4, 8],
-            norm_num_groups=2,
-            latent_channels=4,
-            down_block_types=["DownEncoderBlock2D"] * 2,
-            up_block_types=["UpDecoderBlock2D"] * 2,
-            sample_size=16,
-        )
+        autoencoder = tiny_vae()
     unet = tiny_unet(4 if vae else 3, 8)
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type

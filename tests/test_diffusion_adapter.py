@@ -10,7 +10,6 @@ What Diffusion-DPO (Wallace et al., arXiv 2311.12908) needs and these tests pin:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import os
@@ -18,9 +17,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import WORDS, run_overrides, text_encoder, tiny_unet, word_tokenizer
+from conftest import TOY_BASE, WORDS, run_overrides, text_encoder, tiny_unet, tiny_vae, word_tokenizer
 from diffusers import (
-    AutoencoderKL,
     DDPMScheduler,
     DiffusionPipeline,
     StableDiffusionPipeline,
@@ -423,14 +421,7 @@ def tiny_sdxl(path) -> diffusion.Components:
             projection_dim=16,
         )
     )
-    vae = AutoencoderKL(
-        block_out_channels=[4, 8],
-        norm_num_groups=2,
-        latent_channels=4,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        sample_size=16,
-    )
+    vae = tiny_vae()
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear")
     components = diffusion.Components(
         unet, scheduler, text_encoder(len(WORDS) + 2), word_tokenizer(), vae, encoder_2, word_tokenizer()
@@ -503,9 +494,6 @@ def test_load_components_rejects_a_path_that_is_not_a_folder(tmp_path):
         diffusion.load_components(str(tmp_path / "nowhere"))
 
 
-TOY_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy-t2i")
-
-
 @pytest.mark.parametrize(
     "targets",
     [["to_q", "to_k", "to_v", "to_out.0"], ["time_emb_proj", "proj"], ["q_proj", "k_proj", "v_proj"]],
@@ -535,12 +523,7 @@ def test_sampling_in_nhwc_matches_nchw_and_leaves_the_weights_contiguous(pixel_p
     prompts, seeds = ["a red circle", "a blue square on the left"], [3, 4]
     nhwc = diffusion.sample(components, prompts, seeds, steps=4)
     assert all(p.is_contiguous() for p in components.unet.parameters())
-    real = diffusion.channels_last
-    diffusion.channels_last = lambda module: contextlib.nullcontext(module)
-    try:
-        nchw = diffusion.sample(components, prompts, seeds, steps=4)
-    finally:
-        diffusion.channels_last = real
+    nchw = diffusion.sample(components, prompts, seeds, steps=4, relayout=False)
     torch.testing.assert_close(nhwc, nchw, atol=1e-4, rtol=0)
     with diffusion.channels_last(components.unet):
         conv = components.unet.conv_in.weight

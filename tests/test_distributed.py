@@ -18,7 +18,7 @@ import pytest
 import torch
 from _distributed_worker import main as run_worker
 from accelerate.commands.config.config_args import load_config_from_file
-from conftest import run_overrides
+from conftest import TOY_BASE, run_overrides
 from safetensors.torch import load_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -193,10 +193,8 @@ def test_fsdp2_config_builds_the_plugin_accelerate_launch_would(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ FSDP2
 
-TOY_BASE = os.path.join(ROOT, "assets", "toy-t2i")
 
-
-def fsdp2_overrides(pipeline: str, data: str, out, batch_size: int, *extra: str) -> list[str]:
+def validated_overrides(pipeline: str, data: str, out, batch_size: int, *extra: str) -> list[str]:
     """Three steps with validation at 0, 2 and 3 (so sampling from the sharded UNet) and a checkpoint at 2."""
     return [
         *overrides(pipeline, data, out, batch_size),
@@ -220,9 +218,9 @@ def test_fsdp2_run_equals_one_process_and_resumes_a_single_process_checkpoint(pa
     each rank its share of the prompts), whole-tensor checkpoints equal to 1e-6, the same exported LoRA. A
     single-process checkpoint resumed under FSDP2 is split back into shards and ends the same."""
     fsdp, one, resumed = tmp_path / "fsdp", tmp_path / "one", tmp_path / "resumed"
-    args = [*fsdp2_overrides(TOY_BASE, pairs_parquet, fsdp, 2), "log.progress=true"]
+    args = [*validated_overrides(TOY_BASE, pairs_parquet, fsdp, 2), "log.progress=true"]
     assert "2 processes (FSDP2)" in torchrun(2, ["--float64", "--fsdp2", *args])
-    run_worker(["--float64", *fsdp2_overrides(TOY_BASE, pairs_parquet, one, 4)])
+    run_worker(["--float64", *validated_overrides(TOY_BASE, pairs_parquet, one, 4)])
 
     lora = "final/pytorch_lora_weights.safetensors"
     assert max_difference(load_file(fsdp / lora), load_file(one / lora)) <= 1e-6
@@ -245,7 +243,7 @@ def test_fsdp2_run_equals_one_process_and_resumes_a_single_process_checkpoint(pa
     for folder in ("step-2", "best"):
         shutil.copytree(one / "checkpoints" / folder, resumed / "checkpoints" / folder)
     shutil.copy(one / "metrics.jsonl", resumed / "metrics.jsonl")
-    args = fsdp2_overrides(TOY_BASE, pairs_parquet, resumed, 2, "checkpoint.resume=latest")
+    args = validated_overrides(TOY_BASE, pairs_parquet, resumed, 2, "checkpoint.resume=latest")
     assert "resuming at step 2" in torchrun(2, ["--float64", "--fsdp2", *args, "log.progress=true"])
     assert checkpoint_difference(resumed, one, 3) <= 1e-6
     assert max_difference(load_file(resumed / lora), load_file(one / lora)) <= 1e-6
@@ -298,9 +296,9 @@ def test_deepspeed_zero2_run_equals_one_process_and_resumes_a_single_process_che
         "optim.lr_scheduler=linear",
         "optim.warmup_steps=1",
     ]
-    args = [*fsdp2_overrides(TOY_BASE, pairs_parquet, zero, 1, *accumulate), "log.progress=true"]
+    args = [*validated_overrides(TOY_BASE, pairs_parquet, zero, 1, *accumulate), "log.progress=true"]
     assert "2 processes (DeepSpeed ZeRO-2)" in torchrun(2, ["--float64", "--deepspeed", *args])
-    run_worker(["--float64", *fsdp2_overrides(TOY_BASE, pairs_parquet, one, 2, *accumulate)])
+    run_worker(["--float64", *validated_overrides(TOY_BASE, pairs_parquet, one, 2, *accumulate)])
 
     lora = "final/pytorch_lora_weights.safetensors"
     assert max_difference(load_file(zero / lora), load_file(one / lora)) <= 1e-6
@@ -321,7 +319,7 @@ def test_deepspeed_zero2_run_equals_one_process_and_resumes_a_single_process_che
     for folder in ("step-2", "best"):
         shutil.copytree(one / "checkpoints" / folder, resumed / "checkpoints" / folder)
     shutil.copy(one / "metrics.jsonl", resumed / "metrics.jsonl")
-    args = fsdp2_overrides(TOY_BASE, pairs_parquet, resumed, 1, *accumulate, "checkpoint.resume=latest")
+    args = validated_overrides(TOY_BASE, pairs_parquet, resumed, 1, *accumulate, "checkpoint.resume=latest")
     assert "resuming at step 2" in torchrun(2, ["--float64", "--deepspeed", *args, "log.progress=true"])
     assert checkpoint_difference(resumed, one, 3) <= 1e-6
     assert max_difference(load_file(resumed / lora), load_file(one / lora)) <= 1e-6

@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 from _distributed_worker import float64_recipe
-from conftest import png, run_overrides
+from conftest import TOY_BASE, png, run_overrides
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
@@ -456,9 +456,6 @@ def test_random_labels_sft_control_trains(pixel_pipeline, pairs_parquet, tmp_pat
     # The labels are really ignored: random members give a different run than the given winners.
     other = final_lora(given.output_dir)
     assert max(float((lora[k] - other[k]).abs().max()) for k in lora) > 1e-4
-
-
-TOY_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy-t2i")
 
 
 def test_validation_tracks_reward_keeps_the_best_and_can_reuse_the_base_reward(pairs_parquet, tmp_path):

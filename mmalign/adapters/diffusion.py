@@ -296,9 +296,7 @@ def sample(
     channels-last meanwhile (``channels_last``); False where FSDP2 or DeepSpeed owns the weights' storage.
     """
     unet = unet or components.unet
-    if not relayout:
-        return _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size)
-    with channels_last(unet):
+    with channels_last(unet) if relayout else contextlib.nullcontext():
         return _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size)
 
 
