@@ -30,6 +30,7 @@ from mmalign import distributed
 from mmalign.errors import UserError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+EXTRA = "extra.safetensors"
 
 
 def trainable_state(module: torch.nn.Module, *, keep: bool = True) -> dict[str, torch.Tensor]:
@@ -45,9 +46,17 @@ def trainable_state(module: torch.nn.Module, *, keep: bool = True) -> dict[str, 
 
 
 def save(
-    folder: str, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, write: bool = True
+    folder: str,
+    *,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    extra: dict[str, torch.Tensor] | None = None,
+    write: bool = True,
 ) -> None:
-    """Write one checkpoint atomically. Every rank calls it; only the one with ``write=True`` writes."""
+    """Write one checkpoint atomically. Every rank calls it; only the one with ``write=True`` writes.
+
+    ``extra``: the recipe's own tensors (e.g. an online pair pool), stored in ``extra.safetensors``."""
     weights = trainable_state(module, keep=write)
     tensors, meta = _flatten_optimizer(optimizer, keep=write)
     if not write:
@@ -55,6 +64,8 @@ def save(
     tmp = _fresh(folder + ".tmp")
     save_file(weights, os.path.join(tmp, "trainable.safetensors"))
     save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+    if extra:
+        save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, os.path.join(tmp, EXTRA))
     with open(os.path.join(tmp, "optimizer.json"), "w") as f:
         json.dump(meta, f)
     with open(os.path.join(tmp, "state.json"), "w") as f:
@@ -120,6 +131,12 @@ def load(folder: str, *, module: torch.nn.Module, optimizer: torch.optim.Optimiz
         optimizer.load_state_dict(state_dict)
     with open(os.path.join(folder, "state.json")) as f:
         return json.load(f)
+
+
+def load_extra(folder: str) -> dict[str, torch.Tensor]:
+    """The recipe's own tensors of a checkpoint (empty when it stored none)."""
+    path = os.path.join(folder, EXTRA)
+    return load_file(path) if os.path.isfile(path) else {}
 
 
 def latest(checkpoints_dir: str) -> str | None:

@@ -83,10 +83,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _train(cfg) -> int:
-    from mmalign.recipes import preference
+    from mmalign.recipes import recipe, runtime
 
     start = time.perf_counter()
-    preference.check_backend()
+    runtime.check_backend()
     if cfg.toy.enabled:
         from accelerate import PartialState
         from accelerate.utils import parse_flag_from_env
@@ -97,19 +97,21 @@ def _train(cfg) -> int:
         # The process state is shared with the Accelerator made later, so it must see the same CPU flag.
         state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
         with state.main_process_first():
-            assets.ensure_base(cfg.model.path)
-            assets.ensure_pairs(cfg)
-    result = preference.train(cfg)
+            assets.ensure_base(cfg)
+            if not cfg.online.enabled:
+                assets.ensure_pairs(cfg)
+    train = recipe(cfg.recipe)
+    result = train(cfg)
     runs = {"aligned": result.output_dir}
     if cfg.toy.enabled and cfg.toy.control:
         control = _control_config(cfg)
         # the same base, validation prompts, seeds and sampler: its step-0 reward is already known
-        preference.train(control, base_val_reward=dict(result.val_history).get(0))
+        train(control, base_val_reward=dict(result.val_history).get(0))
         runs["control"] = control.output_dir
     if not _is_main_process():
         return 0
     print(
-        f"trained {cfg.loss.name} for {cfg.optim.max_steps} steps; exported step {result.exported_step} "
+        f"trained {_objective(cfg)} for {cfg.optim.max_steps} steps; exported step {result.exported_step} "
         f"-> {result.final_dir}"
     )
     if cfg.validation.every:
@@ -122,16 +124,24 @@ def _train(cfg) -> int:
     return 0
 
 
+def _objective(cfg) -> str:
+    return cfg.loss.name if cfg.recipe == "preference" else cfg.recipe
+
+
 def _control_config(cfg):
-    """Same base, same samples, same budget and selection — but the preference labels are thrown away."""
+    """Same base, same samples, same budget and selection — but the labels are thrown away: plain fine-tuning
+    on a random member of each pair (preference), or rewards shuffled within the batch (rwr)."""
+    changes = {}
+    if cfg.recipe == "preference":
+        changes["loss"] = dataclasses.replace(cfg.loss, name="sft")
     return dataclasses.replace(
         cfg,
         output_dir=os.path.join(cfg.output_dir, "control"),
-        loss=dataclasses.replace(cfg.loss, name="sft"),
         data=dataclasses.replace(cfg.data, labels="random"),
         eval=dataclasses.replace(cfg.eval, enabled=False),
         toy=dataclasses.replace(cfg.toy, control=False),
         checkpoint=dataclasses.replace(cfg.checkpoint, resume=None),
+        **changes,
     )
 
 
@@ -149,8 +159,8 @@ def _eval(cfg, finals: list[str] | None) -> int:
         if not sep or not os.path.isdir(path):
             raise UserError(f"--final {item!r} must be NAME=DIR with an existing folder written by training")
         final_dirs[name] = path
-    summary = evaluate.evaluate_runs(
-        cfg.model.path,
+    summary, grid = evaluate.evaluate_runs(
+        cfg.model,
         final_dirs,
         prompts_spec=cfg.eval.prompts,
         seeds_per_prompt=cfg.eval.seeds_per_prompt,
@@ -161,14 +171,12 @@ def _eval(cfg, finals: list[str] | None) -> int:
         batch_size=cfg.sampling.batch_size,
         out_dir=cfg.output_dir,
         grid_prompts=cfg.eval.grid_prompts,
+        world=cfg.toy.world,
     )
     print(evaluate.format_table(summary, list(final_dirs)))
     if "aligned" in final_dirs:
         print(evaluate.format_checks(summary))
-    print(
-        f"wrote {os.path.join(cfg.output_dir, 'eval.json')} and "
-        f"{os.path.join(cfg.output_dir, 'samples', 'before_after.png')}"
-    )
+    print(f"wrote {os.path.join(cfg.output_dir, 'eval.json')} and {grid}")
     return 0
 
 

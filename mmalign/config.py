@@ -32,20 +32,40 @@ def _spec(default, *, doc: str, gt=None, ge=None, le=None, lt=None, choices=None
 
 @dataclass
 class ModelConfig:
+    kind: str = _spec(
+        "diffusion",
+        doc="Modality adapter: diffusion (UNet, ε / v-prediction) or flow (rectified-flow transformers).",
+        choices=("diffusion", "flow"),
+    )
     path: str = _spec(
         "assets/toy-t2i",
-        doc="Local diffusers pipeline folder (unet/, scheduler/, text_encoder/, tokenizer/, optional vae/).",
+        doc="Local diffusers pipeline folder (unet/ or transformer/, scheduler/, text encoders, optional vae/).",
     )
     prediction_type: str | None = _spec(
         None,
-        doc="Expected UNet target; checked against the scheduler config. null: take the scheduler's.",
+        doc="diffusion: expected UNet target, checked against the scheduler config. null: the scheduler's.",
         choices=("epsilon", "v_prediction", None),
     )
-    gradient_checkpointing: bool = _spec(False, doc="Recompute UNet activations in the backward pass.")
+    resolution: int | None = _spec(
+        None,
+        doc="flow: pixel height = width of samples and training media; null: the family's default.",
+        gt=0,
+    )
+    num_frames: int | None = _spec(
+        None, doc="flow video models: frames per clip; null: the family's default.", gt=0
+    )
+    embedded_guidance: float = _spec(
+        3.5,
+        doc="flow, guidance-distilled transformers (Flux-dev's guidance_embeds): the guidance value they are "
+        "trained and sampled with (FLUX.1-dev LoRA recipes use 3.5).",
+        gt=0,
+    )
+    gradient_checkpointing: bool = _spec(False, doc="Recompute activations in the backward pass.")
     attention: str = _spec(
-        "sdpa",
-        doc="Attention kernel: torch SDPA (default) or xformers (CUDA only).",
-        choices=("sdpa", "xformers"),
+        "auto",
+        doc="Attention kernel: auto (xformers where installed and usable, else SDPA), sdpa, flash, xformers, "
+        "math (the explicit attention matrix; for comparisons).",
+        choices=("auto", "sdpa", "flash", "xformers", "math"),
     )
 
 
@@ -62,15 +82,33 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    format: str = _spec("pickapic", doc="Pair source format.", choices=("pickapic", "hf_disk", "jsonl"))
-    path: str = _spec(
-        "runs/quickstart/data/pairs.parquet", doc="Parquet file/folder, dataset folder or JSONL."
+    format: str = _spec(
+        "pickapic",
+        doc="Pair source format: Pick-a-Pic parquet, datasets folder, JSONL + images, VideoGen-RewardBench CSV.",
+        choices=("pickapic", "hf_disk", "jsonl", "videogen_csv", "scored_jsonl"),
     )
-    image_root: str | None = _spec(None, doc="JSONL only: folder the image paths are relative to.")
+    path: str = _spec(
+        "runs/quickstart/data/pairs.parquet", doc="Parquet file/folder, dataset folder, JSONL or CSV."
+    )
+    image_root: str | None = _spec(
+        None,
+        doc="jsonl, videogen_csv: folder the media paths are relative to (videogen_csv: the CSV's folder).",
+    )
+    dimension: str | None = _spec(
+        None, doc="videogen_csv: the preference column to follow (VQ, MQ, TA); or give `data.weights`."
+    )
+    weights: dict[str, float] | None = _spec(
+        None, doc="videogen_csv: {column: weight}; preference = sign of Σ w·(A: +1, B: −1, same: 0)."
+    )
+    frame_stride: int = _spec(1, doc="Video data: keep every k-th frame.", gt=0)
+    reward_column: str = _spec(
+        "reward", doc="scored_jsonl (recipe rwr): the key holding each sample's reward."
+    )
     ties: str = _spec(
         "drop", doc="Pairs with label_0 = 0.5: drop, or keep as soft labels.", choices=("drop", "keep")
     )
     resolution: int | None = _spec(None, doc="Training resolution in pixels; null: the model's own.", gt=0)
+    num_frames: int | None = _spec(None, doc="Video data: frames per clip; null: the model's own.", gt=0)
     cache_latents: bool = _spec(True, doc="Decode and VAE-encode each image once, then reuse the latents.")
     caption_dropout: float = _spec(
         0.0, doc="Share of pairs whose caption is dropped (both members together). Paper: 0.2.", ge=0, le=1
@@ -90,10 +128,64 @@ class LossConfig:
         choices=("dpo", "ipo", "hinge", "robust", "bco_pair", "sft"),
     )
     beta: float = _spec(
-        5000.0, doc="β. Diffusion-DPO's official value for SD 1.5 is 5000 (score = −½·error).", gt=0
+        5000.0,
+        doc="β. Diffusion-DPO's official value for SD 1.5 is 5000, Flow-DPO's for SD 3.5-M 100 (score = −½·error).",
+        gt=0,
+    )
+    beta_schedule: str = _spec(
+        "constant",
+        doc="constant β (Flow-DPO's recommendation), or weighted: β_t = β·(1 − t)², t the noise level in [0, 1].",
+        choices=("constant", "weighted"),
     )
     label_smoothing: float = _spec(0.0, doc="dpo: conservative-DPO label smoothing ε.", ge=0, lt=0.5)
     label_noise: float = _spec(0.1, doc="robust: assumed label-flip rate ε.", ge=0, lt=0.5)
+
+
+@dataclass
+class TimestepConfig:
+    density: str | None = _spec(
+        None,
+        doc="Training noise levels: uniform, or logit_normal (flow). null: the modality's paper default, "
+        "uniform for diffusion (Wallace et al.), logit_normal(0, 1) for flow (Esser et al., arXiv 2403.03206).",
+        choices=("uniform", "logit_normal", None),
+    )
+    logit_mean: float = _spec(0.0, doc="logit_normal: mean of the normal before the sigmoid.")
+    logit_std: float = _spec(1.0, doc="logit_normal: standard deviation.", gt=0)
+    shift: float | None = _spec(
+        None, doc="flow: σ shift s, σ' = s·σ / (1 + (s − 1)·σ); null: the scheduler's own.", gt=0
+    )
+
+
+@dataclass
+class OnlineConfig:
+    enabled: bool = _spec(
+        False, doc="Make pairs by sampling: per prompt, best vs worst of N by the reward (no data.path)."
+    )
+    prompts: str = _spec("train", doc="A toy split name or a text file of training prompts.")
+    samples_per_prompt: int = _spec(8, doc="N samples per prompt and group (the paper uses up to 24).", ge=2)
+    groups_per_prompt: int = _spec(1, doc="Best/worst groups per prompt per pool.", gt=0)
+    refresh_every: int = _spec(
+        0, doc="Rebuild the pool every K optimizer steps; 0: the pool sampled at step 0 is kept.", ge=0
+    )
+    refresh_from: str = _spec(
+        "policy",
+        doc="Model that samples a rebuilt pool: the current policy (on-policy) or the reference.",
+        choices=("policy", "reference"),
+    )
+    reward: str | None = _spec(None, doc="Reward model that labels the samples; null: eval.reward.")
+    guidance_scale: float | None = _spec(
+        None, doc="Guidance scale of the pool samples; null: sampling.guidance_scale.", ge=1
+    )
+    first_seed: int = _spec(100_000, doc="Seed of the first pool sample; pool k uses the next block.", ge=0)
+
+
+@dataclass
+class RWRConfig:
+    temperature: float = _spec(
+        1.0,
+        doc="τ of the weights w = B·softmax(r/τ) over the global batch (Flow-RWR, arXiv 2501.13918).",
+        gt=0,
+    )
 
 
 @dataclass
@@ -140,7 +232,7 @@ class ValidationConfig:
 
 @dataclass
 class SamplingConfig:
-    steps: int = _spec(20, doc="DDIM steps.", gt=0)
+    steps: int = _spec(20, doc="Sampler steps (DDIM for diffusion, Euler for flow).", gt=0)
     guidance_scale: float = _spec(1.5, doc="Classifier-free guidance scale.", ge=1)
     batch_size: int = _spec(
         128, doc="Prompts denoised together (each twice, for guidance); lower it for large models.", gt=0
@@ -150,7 +242,7 @@ class SamplingConfig:
 @dataclass
 class EvalConfig:
     enabled: bool = _spec(True, doc="Evaluate base vs aligned (and control) after training.")
-    reward: str = _spec("toy_shapes", doc="Reward model name.", choices=("toy_shapes",))
+    reward: str = _spec("toy_shapes", doc="Reward model name.", choices=("toy_shapes", "toy_moving_shapes"))
     prompts: str = _spec("test", doc="A toy split name (test, val) or a text file with one prompt per line.")
     seeds_per_prompt: int = _spec(
         8, doc="Samples per prompt; seeds are first_seed + k, the same for every model.", gt=0
@@ -166,6 +258,11 @@ class EvalConfig:
 @dataclass
 class ToyConfig:
     enabled: bool = _spec(True, doc="Build the toy world's missing assets (base model, pair data) first.")
+    world: str = _spec(
+        "shapes",
+        doc="Toy world of the prompts splits: shapes (still images) or moving_shapes (video clips).",
+        choices=("shapes", "moving_shapes"),
+    )
     samples_per_prompt: int = _spec(
         4, doc="Base samples per training prompt and seed group; best vs worst.", ge=2
     )
@@ -181,12 +278,15 @@ class ToyConfig:
 
 
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """The sections every recipe shares."""
+
     output_dir: str = _spec("runs/quickstart", doc="Run directory.")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -196,11 +296,34 @@ class TrainConfig:
     toy: ToyConfig = field(default_factory=ToyConfig)
 
 
+@dataclass
+class TrainConfig(RunConfig):
+    """``recipe: preference``: Diffusion-DPO / Flow-DPO and the pairwise loss family, offline or online pairs."""
+
+    recipe: str = _spec("preference", doc="Training recipe.", choices=("preference",))
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class RWRTrainConfig(RunConfig):
+    """``recipe: rwr``: reward-weighted regression (Flow-RWR) on scored samples, offline or online."""
+
+    recipe: str = _spec("rwr", doc="Training recipe.", choices=("rwr",))
+    rwr: RWRConfig = field(default_factory=RWRConfig)
+
+
+# the config schema of each recipe, chosen by the top-level `recipe` key
+SCHEMAS: dict[str, type] = {"preference": TrainConfig, "rwr": RWRTrainConfig}
+
+
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def load_config(path: str | None, overrides: list[str] = (), schema: type = TrainConfig):
-    """Read ``path`` (YAML), apply ``key.sub=value`` overrides, check everything, return the dataclass."""
+def load_config(path: str | None, overrides: list[str] = (), schema: type | None = None):
+    """Read ``path`` (YAML), apply ``key.sub=value`` overrides, check everything, return the dataclass.
+
+    The schema is the one of the tree's ``recipe`` (``SCHEMAS``; default ``preference``) unless given.
+    """
     tree, origin = {}, {}
     if path is not None:
         if not os.path.isfile(path):
@@ -224,9 +347,11 @@ def load_config(path: str | None, overrides: list[str] = (), schema: type = Trai
             raise UserError(f"override {item!r}: {_first_line(err)}") from None
         _record_origin(extra, "command line", origin)
         tree = OmegaConf.to_container(OmegaConf.merge(tree, extra))
+    if schema is None:
+        schema = _schema_of(tree, origin)
     errors: list[str] = []
     config = _build(schema, tree, "", origin, errors)
-    if schema is TrainConfig:
+    if isinstance(config, RunConfig):
         reported = " ".join(errors)
         errors.extend(e for e in _check_paths(config, origin) if e.split(" ", 1)[0] not in reported)
     if errors:
@@ -234,11 +359,21 @@ def load_config(path: str | None, overrides: list[str] = (), schema: type = Trai
     return config
 
 
-def _check_paths(config: TrainConfig, origin: dict) -> list[str]:
+def _schema_of(tree: dict, origin: dict) -> type:
+    recipe = tree.get("recipe", "preference")
+    if recipe not in SCHEMAS:
+        raise UserError(
+            f"`recipe` must be one of {', '.join(SCHEMAS)}, got {recipe!r} ({origin.get('recipe', 'config')})"
+        )
+    return SCHEMAS[recipe]
+
+
+def _check_paths(config: RunConfig, origin: dict) -> list[str]:
     """Inputs must exist, except those the toy world builds when they are missing."""
     errors = []
     wanted = [("model.path", config.model.path, os.path.isdir, "a pipeline folder")]
-    wanted.append(("data.path", config.data.path, os.path.exists, "an existing file or folder"))
+    if not config.online.enabled:  # online runs sample their pairs; data.path is not read
+        wanted.append(("data.path", config.data.path, os.path.exists, "an existing file or folder"))
     if config.data.image_root is not None:
         wanted.append(("data.image_root", config.data.image_root, os.path.isdir, "a folder"))
     for key, value, exists, what in wanted:
@@ -324,6 +459,11 @@ def _fits_type(value, hint) -> bool:
     if origin is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and all(_fits_type(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(
+            _fits_type(k, key) and _fits_type(v, item) for k, v in value.items()
+        )
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
@@ -341,6 +481,9 @@ def _type_name(hint) -> str:
         return "null"
     if origin is list:
         return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if origin is dict:
+        key, item = typing.get_args(hint)
+        return f"a mapping of {_type_name(key)} to {_type_name(item)}"
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(hint, hint.__name__)
 
 

@@ -305,7 +305,9 @@ def test_collate_pairs_batches_a_dataloader(tmp_path):
 
 
 def test_read_pairs_rejects_unknown_format_bad_ties_and_empty_data(tmp_path):
-    with pytest.raises(UserError, match=r"data\.format must be one of pickapic, hf_disk, jsonl, got 'csv'"):
+    with pytest.raises(
+        UserError, match=r"data\.format must be one of pickapic, hf_disk, jsonl, videogen_csv, got 'csv'"
+    ):
         read_pairs("csv", str(tmp_path))
     with pytest.raises(UserError, match=r"data\.ties must be one of 'drop', 'keep', got 'maybe'"):
         read_pairs("pickapic", str(tmp_path), ties="maybe")

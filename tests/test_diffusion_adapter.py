@@ -32,7 +32,7 @@ from mmalign.adapters import diffusion
 from mmalign.config import TrainConfig, load_config
 from mmalign.data import PairDataset, read_pairs
 from mmalign.errors import UserError
-from mmalign.recipes import preference
+from mmalign.recipes import preference, runtime
 
 LORA_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 CPU = torch.device("cpu")
@@ -55,11 +55,16 @@ def train_config(pipeline: str, data: str, out_dir, *overrides: str) -> TrainCon
 def make_batch(components: diffusion.Components, cfg: TrainConfig, positions: list[int]) -> dict:
     """The recipe's own batch: pairs, shared noise, timesteps and (possibly dropped) captions."""
     dataset = PairDataset(read_pairs("pickapic", cfg.data.path), resolution=components.resolution)
-    cache = preference.LatentCache(dataset, components, enabled=True)
-    stream = preference.PairStream(
-        len(dataset), cfg.optim.seed, components.scheduler.config.num_train_timesteps
-    )
-    return preference.build_batch(stream, cache, positions, cfg, CPU)
+    adapter = diffusion.DiffusionAdapter(components, cfg.model.path)
+    cache = preference.LatentCache(dataset, adapter, enabled=True)
+    stream = preference.PairStream(len(dataset), cfg.optim.seed)
+    return preference.build_batch(stream, cache, positions, cfg, adapter, CPU)
+
+
+def dpo_step(components: diffusion.Components, unet, frozen, batch: dict, cfg: TrainConfig) -> dict:
+    """The recipe's step on ``unet`` (LoRA policy) or with ``frozen`` as the reference (full fine-tuning)."""
+    adapter = diffusion.DiffusionAdapter(components, cfg.model.path)
+    return preference.preference_step(adapter, unet, lambda: runtime.reference_of(unet, frozen), batch, cfg)
 
 
 class UNetCalls:
@@ -136,7 +141,7 @@ def test_pair_members_and_reference_share_timestep_noise_and_caption(
 
     recorder = UNetCalls(*(m for m in (unet, frozen) if m is not None))
     try:
-        stats = preference.preference_step(unet, unet, frozen, components, batch, cfg)
+        stats = dpo_step(components, unet, frozen, batch, cfg)
     finally:
         recorder.remove()
 
@@ -178,7 +183,7 @@ def test_caption_dropout_drops_both_members_together(pixel_pipeline, pairs_parqu
     assert any(dropped) and not all(dropped), batch["captions"]
     recorder = UNetCalls(unet)
     try:
-        preference.preference_step(unet, unet, frozen, components, batch, cfg)
+        dpo_step(components, unet, frozen, batch, cfg)
     finally:
         recorder.remove()
     hidden = recorder.calls[0]["hidden"]  # (2B, L, D)
@@ -280,7 +285,7 @@ def test_training_leaves_reference_and_base_weights_untouched(pixel_pipeline, pa
     trainable_before = [p.detach().clone() for p in params]
     for step in range(3):
         batch = make_batch(components, cfg, list(range(4 * step, 4 * step + 4)))
-        loss = preference.preference_step(unet, unet, frozen, components, batch, cfg)["loss"].mean()
+        loss = dpo_step(components, unet, frozen, batch, cfg)["loss"].mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -293,9 +298,10 @@ def test_training_leaves_reference_and_base_weights_untouched(pixel_pipeline, pa
     with torch.no_grad():
         base_errors = diffusion.denoising_errors(base, scheduler, latents, noise, timesteps, hidden, added)
         policy_errors = diffusion.denoising_errors(unet, scheduler, latents, noise, timesteps, hidden, added)
-    ref_errors = preference.reference_errors(
-        unet, frozen, scheduler, latents, noise, timesteps, hidden, added
-    )
+    with runtime.reference_of(unet, frozen) as reference_network:
+        ref_errors = diffusion.denoising_errors(
+            reference_network, scheduler, latents, noise, timesteps, hidden, added
+        )
     assert not torch.allclose(policy_errors, base_errors), "the policy should have moved"
     torch.testing.assert_close(ref_errors, base_errors, rtol=0, atol=0)
 

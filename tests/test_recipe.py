@@ -6,6 +6,7 @@ other (accumulation, resume) or with the base model loaded from disk, never with
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from mmalign.adapters import diffusion
 from mmalign.config import load_config
 from mmalign.data import PairDataset, read_pairs, write_pickapic_parquet
 from mmalign.losses import dpo
-from mmalign.recipes import preference
+from mmalign.recipes import preference, runtime
 
 METRIC_KEYS = (
     "step",
@@ -104,12 +105,12 @@ def stream_batch(pipeline: str, cfg, step: int) -> dict:
     """The micro-batch a 1-process, no-accumulation run sees at optimizer step ``step`` (1-based)."""
     components = diffusion.load_components(pipeline)
     dataset = PairDataset(read_pairs("pickapic", cfg.data.path), resolution=components.resolution)
-    cache = preference.LatentCache(dataset, components, enabled=True)
-    stream = preference.PairStream(
-        len(dataset), cfg.optim.seed, components.scheduler.config.num_train_timesteps
-    )
+    adapter = diffusion.DiffusionAdapter(components, pipeline)
+    cache = preference.LatentCache(dataset, adapter, enabled=True)
+    stream = preference.PairStream(len(dataset), cfg.optim.seed)
     first = (step - 1) * cfg.optim.batch_size
-    return preference.build_batch(stream, cache, list(range(first, first + cfg.optim.batch_size)), cfg, "cpu")
+    positions = list(range(first, first + cfg.optim.batch_size))
+    return preference.build_batch(stream, cache, positions, cfg, adapter, "cpu")
 
 
 def errors_of(unet, components: diffusion.Components, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -419,7 +420,9 @@ def test_ties_train_and_their_loss_is_symmetric(pixel_pipeline, ties_parquet, tm
                 p.normal_(0, 0.3)
     batch = stream_batch(pixel_pipeline, cfg, step=1)
     batch["label"] = torch.tensor([1.0, 0.5, 1.0, 0.5])
-    out = preference.preference_step(unet, unet, None, components, batch, cfg)
+    adapter = diffusion.DiffusionAdapter(components, pixel_pipeline)
+    reference = functools.partial(runtime.reference_of, unet, None)
+    out = preference.preference_step(adapter, unet, reference, batch, cfg)
 
     pw, pl = -0.5 * out["policy_err_w"], -0.5 * out["policy_err_l"]
     rw, rl = -0.5 * out["ref_err_w"], -0.5 * out["ref_err_l"]
@@ -430,7 +433,7 @@ def test_ties_train_and_their_loss_is_symmetric(pixel_pipeline, ties_parquet, tm
     torch.testing.assert_close(out["loss"].detach(), expected, atol=1e-6, rtol=1e-5)
 
     swapped = dict(batch, chosen=batch["rejected"], rejected=batch["chosen"])
-    out_swapped = preference.preference_step(unet, unet, None, components, swapped, cfg)
+    out_swapped = preference.preference_step(adapter, unet, reference, swapped, cfg)
     ties = batch["label"] == 0.5
     torch.testing.assert_close(
         out_swapped["loss"][ties].detach(), out["loss"][ties].detach(), atol=1e-6, rtol=1e-5

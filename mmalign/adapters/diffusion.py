@@ -24,6 +24,15 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
+from mmalign.adapters.base import (
+    add_peft_lora,
+    fuse_lora,
+    lora_state,
+    per_sample_mean,
+    score_of,
+    weight_dtype,
+)
+from mmalign.adapters.base import for_sampling as for_sampling
 from mmalign.errors import UserError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -182,11 +191,6 @@ def repeat_condition(
     return hidden, added
 
 
-def weight_dtype(module: torch.nn.Module) -> torch.dtype:
-    """The dtype of ``module``'s (or a DDP / DeepSpeed wrapper's) floating-point weights."""
-    return next(p.dtype for p in module.parameters() if p.is_floating_point())
-
-
 def as_dtype(
     hidden: torch.Tensor, added: dict | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, dict | None]:
@@ -258,7 +262,7 @@ def denoising_errors(
     noisy = noisy.to(hidden.dtype)
     prediction = unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
     target = target_for(scheduler, latents, noise, timesteps)
-    return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (N,)
+    return per_sample_mean((prediction.float() - target.float()).pow(2))  # (N,)
 
 
 def score(
@@ -271,7 +275,7 @@ def score(
     added: dict | None = None,
 ) -> torch.Tensor:
     """The log-likelihood surrogate s = −½ · e per sample (N,)."""
-    return -0.5 * denoising_errors(unet, scheduler, latents, noise, timesteps, hidden, added)
+    return score_of(denoising_errors(unet, scheduler, latents, noise, timesteps, hidden, added))
 
 
 # -------------------------------------------------------------------------------------------------- sample
@@ -295,6 +299,32 @@ def sample(
     whatever the batch it is drawn in — the before/after comparison is paired. ``relayout``: hold the weights
     channels-last meanwhile (``channels_last``); False where FSDP2 or DeepSpeed owns the weights' storage.
     """
+    images, _ = sample_latents(
+        components,
+        prompts,
+        seeds,
+        unet=unet,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        relayout=relayout,
+    )
+    return images
+
+
+@torch.no_grad()
+def sample_latents(
+    components: Components,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    unet: UNet2DConditionModel | None = None,
+    steps: int = 20,
+    guidance_scale: float = 1.5,
+    batch_size: int = 128,
+    relayout: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample``, and the final model-space latents the images decode from, (B, C, h, w) fp32."""
     unet = unet or components.unet
     with channels_last(unet) if relayout else contextlib.nullcontext():
         return _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size)
@@ -312,11 +342,11 @@ def channels_last(module: torch.nn.Module):
         module.to(memory_format=torch.contiguous_format)
 
 
-def _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size) -> torch.Tensor:
+def _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size):
     device = unet.device
     ddim = DDIMScheduler.from_config(components.scheduler.config)
     channels, size = unet.config.in_channels, unet.config.sample_size
-    images = []
+    images, finals = [], []
     for start in range(0, len(prompts), batch_size):
         chunk, chunk_seeds = prompts[start : start + batch_size], seeds[start : start + batch_size]
         noise = torch.stack(
@@ -343,7 +373,8 @@ def _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size)
                 out = out_uncond + guidance_scale * (out_cond - out_uncond)
             latents = ddim.step(out, t, latents).prev_sample
         images.append(decode_latents(components, latents))
-    return torch.cat(images)
+        finals.append(latents.float())
+    return torch.cat(images), torch.cat(finals)
 
 
 # ---------------------------------------------------------------------------------------- LoRA and export
@@ -354,41 +385,13 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 def add_lora(
     unet: UNet2DConditionModel, *, rank: int, alpha: float, dropout: float, target_modules: list[str]
 ) -> list[torch.nn.Parameter]:
-    """Freeze the UNet and add a peft LoRA; returns the trainable parameters.
-
-    With the adapter disabled the UNet is exactly the base model, which is the reference of a LoRA run.
-    """
-    from peft import LoraConfig
-
-    present = {name.rsplit(".", 1)[-1] for name, _ in unet.named_modules()} | {
-        ".".join(name.split(".")[-2:]) for name, _ in unet.named_modules()
-    }
-    missing = [m for m in target_modules if m not in present]
-    if missing:
-        raise UserError(f"`lora.target_modules` names modules the UNet does not have: {missing}")
-    unet.requires_grad_(False)
-    unet.add_adapter(
-        LoraConfig(
-            r=rank,
-            lora_alpha=alpha,
-            lora_dropout=dropout,
-            init_lora_weights="gaussian",
-            target_modules=list(target_modules),
-        )
-    )
-    return [p for p in unet.parameters() if p.requires_grad]
+    """Freeze the UNet and add a peft LoRA; returns the trainable parameters (reference = adapter disabled)."""
+    return add_peft_lora(unet, rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules)
 
 
 def lora_layers(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """The LoRA weights in peft's key format (``…lora_A.weight``), which diffusers' loaders read as they are.
-
-    diffusers' ``convert_state_dict_to_diffusers`` is not applied: it renames ``q_proj`` / ``k_proj`` /
-    ``v_proj`` (text-encoder style) layers to an older layout that ``load_lora_weights`` then maps back wrongly
-    for a UNet, so such a LoRA would reload with part of its weights missing.
-    """
-    from peft.utils import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(unet)
+    """The LoRA weights in peft's key format, which diffusers' loaders read as they are (see ``lora_state``)."""
+    return lora_state(unet)
 
 
 def export(components: Components, unet: UNet2DConditionModel, out_dir: str, *, lora: bool) -> None:
@@ -400,7 +403,7 @@ def export(components: Components, unet: UNet2DConditionModel, out_dir: str, *, 
         pipeline_class = (
             StableDiffusionXLLoraLoaderMixin if components.is_sdxl else StableDiffusionLoraLoaderMixin
         )
-        state = {key: value.detach().float().cpu().contiguous() for key, value in lora_layers(unet).items()}
+        state = lora_layers(unet)
         # The LoraConfig travels in the file's metadata: without it diffusers' loader assumes alpha = rank,
         # and a LoRA trained with alpha != rank would load with the wrong scale.
         pipeline_class.save_lora_weights(
@@ -411,37 +414,6 @@ def export(components: Components, unet: UNet2DConditionModel, out_dir: str, *, 
         )
     else:
         unet.save_pretrained(out_dir, safe_serialization=True)
-
-
-def fuse_lora(unet: UNet2DConditionModel) -> UNet2DConditionModel:
-    """Fold the active LoRA into the base weights and drop the adapter layers, in place: the same function
-    (to float rounding), at the base model's cost per forward — the LoRA detour is ≈ 30% of a toy UNet's time."""
-    if getattr(unet, "peft_config", None):
-        unet.fuse_lora()
-        unet.unload_lora()
-    return unet
-
-
-@contextlib.contextmanager
-def for_sampling(unet: UNet2DConditionModel, *, fused_copy: bool = True):
-    """The UNet under training, ready to sample from (validation).
-
-    With a LoRA and ``fused_copy``: a frozen copy with the LoRA fused in. Fusing into the trained UNet and back
-    would perturb the base weights that the reference is. Otherwise — full fine-tuning, where a copy would
-    cost a whole model, or a UNet whose parameters FSDP2 or DeepSpeed own — the UNet itself in eval mode;
-    its mode is restored afterwards.
-    """
-    if fused_copy and getattr(unet, "peft_config", None):
-        import copy
-
-        yield fuse_lora(copy.deepcopy(unet).requires_grad_(False)).eval()
-        return
-    training = unet.training
-    unet.eval()
-    try:
-        yield unet
-    finally:
-        unet.train(training)
 
 
 def load_aligned(components: Components, final_dir: str) -> UNet2DConditionModel:
@@ -457,3 +429,152 @@ def load_aligned(components: Components, final_dir: str) -> UNet2DConditionModel
     raise UserError(
         f"{final_dir} holds neither {LORA_WEIGHTS} nor a UNet (config.json); was it written by training?"
     )
+
+
+# ------------------------------------------------------------------------------------------------ adapter
+
+
+class DiffusionAdapter:
+    """The :class:`~mmalign.adapters.base.Adapter` of a text-to-image UNet pipeline (``model.kind: diffusion``)."""
+
+    kind = "diffusion"
+    media = "image"
+
+    def __init__(self, components: Components, path: str):
+        self.components, self.path = components, path
+
+    @classmethod
+    def load(
+        cls, path: str, *, dtype: torch.dtype = torch.float32, model_cfg=None, timesteps_cfg=None
+    ) -> DiffusionAdapter:
+        if timesteps_cfg is not None and timesteps_cfg.density not in (None, "uniform"):
+            raise UserError(
+                f"`timesteps.density` {timesteps_cfg.density!r} is for flow models; a diffusion UNet trains on "
+                "uniform integer timesteps (accepted: uniform or null)"
+            )
+        if timesteps_cfg is not None and timesteps_cfg.shift is not None:
+            raise UserError(
+                "`timesteps.shift` applies to flow models only; set it to null for model.kind=diffusion"
+            )
+        if model_cfg is not None and (model_cfg.resolution is not None or model_cfg.num_frames is not None):
+            raise UserError(
+                "`model.resolution` / `model.num_frames` apply to flow models; a UNet samples at its own size "
+                "(set them to null, or data.resolution for the training images)"
+            )
+        if os.path.isdir(os.path.join(path, "transformer")) and not os.path.isdir(os.path.join(path, "unet")):
+            raise UserError(
+                f"model.path: {path} holds a transformer (transformer/), not a UNet; "
+                "set model.kind=flow for rectified-flow transformers"
+            )
+        return cls(load_components(path, dtype=dtype), path)
+
+    @property
+    def network(self) -> UNet2DConditionModel:
+        return self.components.unet
+
+    def to(self, device: torch.device) -> None:
+        for module in (self.components.text_encoder, self.components.vae, self.components.text_encoder_2):
+            if module is not None:
+                module.to(device)
+
+    def check(self, model_cfg) -> None:
+        """The scheduler's target must be a supported one, and the one the config expects."""
+        actual = self.components.prediction_type
+        if actual not in PREDICTION_TYPES:
+            raise UserError(
+                f"{self.path}/scheduler: prediction_type {actual!r} is not supported "
+                f"(accepted: {', '.join(PREDICTION_TYPES)})"
+            )
+        if model_cfg.prediction_type is not None and model_cfg.prediction_type != actual:
+            raise UserError(
+                f"`model.prediction_type` is {model_cfg.prediction_type!r} but {self.path}/scheduler "
+                f"says {actual!r}; set model.prediction_type={actual} or null"
+            )
+
+    def describe(self) -> str:
+        space = "pixel space" if self.components.vae is None else "latent"
+        return f"UNet2DConditionModel ({self.components.prediction_type}, {space})"
+
+    def load_network(self, dtype: torch.dtype) -> UNet2DConditionModel:
+        return load_unet(self.path, dtype=dtype)
+
+    def add_lora(self, network, *, rank, alpha, dropout, target_modules) -> list[torch.nn.Parameter]:
+        return add_lora(network, rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules)
+
+    def set_attention(self, network: UNet2DConditionModel, backend: str) -> None:
+        """UNets use diffusers' legacy attention processors: SDPA (``AttnProcessor2_0``, the default), the
+        explicit-matrix ``AttnProcessor`` for ``math``, or xformers."""
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        if backend == "xformers":
+            network.enable_xformers_memory_efficient_attention()
+        elif backend == "math":
+            network.set_attn_processor(AttnProcessor())
+        elif backend == "sdpa":
+            network.set_attn_processor(AttnProcessor2_0())
+        else:
+            raise UserError(
+                f"`model.attention` {backend!r} is not available for a UNet (accepted: auto, sdpa, math, xformers)"
+            )
+
+    # --- data
+    def media_shape(self) -> tuple[int, ...]:
+        return (self.components.resolution, self.components.resolution)
+
+    def encode_media(self, pixels: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
+        return encode_images(self.components, pixels, generator=generator).float()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return decode_latents(self.components, latents)
+
+    # --- scoring
+    def draw(self, generator: torch.Generator, latent_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise (C, H, W) and an integer timestep uniform over the training schedule (Wallace et al.)."""
+        noise = torch.randn(latent_shape, generator=generator)  # (C, H, W), shared by both members
+        t = torch.randint(0, self.components.scheduler.config.num_train_timesteps, (1,), generator=generator)
+        return noise, t[0]
+
+    def noise_level(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return timesteps.float() / self.components.scheduler.config.num_train_timesteps
+
+    def encode_prompts(self, prompts: list[str]):
+        return encode_prompts(self.components, prompts)
+
+    def repeat_condition(self, condition, times: int):
+        hidden, added = condition
+        return repeat_condition(hidden, added, times)
+
+    def errors(self, network, latents, noise, timesteps, condition) -> torch.Tensor:
+        hidden, added = condition
+        return denoising_errors(network, self.components.scheduler, latents, noise, timesteps, hidden, added)
+
+    # --- sampling and export
+    def sample(
+        self,
+        prompts,
+        seeds,
+        *,
+        network=None,
+        steps: int,
+        guidance_scale: float,
+        batch_size: int = 128,
+        relayout: bool = True,
+        return_latents: bool = False,
+    ):
+        images, latents = sample_latents(
+            self.components,
+            prompts,
+            seeds,
+            unet=network,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            batch_size=batch_size,
+            relayout=relayout,
+        )
+        return (images, latents) if return_latents else images
+
+    def export(self, network, out_dir: str, *, lora: bool) -> None:
+        export(self.components, network, out_dir, lora=lora)
+
+    def load_aligned(self, final_dir: str) -> UNet2DConditionModel:
+        return load_aligned(self.components, final_dir)

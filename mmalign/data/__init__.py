@@ -1,9 +1,10 @@
-"""Offline text-to-image preference pairs: readers -> :class:`PairRecord` -> :class:`PairDataset` batches.
+"""Offline preference pairs: readers -> :class:`PairRecord` -> :class:`PairDataset` batches.
 
 Formats: ``pickapic`` (Pick-a-Pic v2 parquet), ``hf_disk`` (``datasets.save_to_disk`` folder with the same
-columns) and ``jsonl`` (JSONL + image folder). Readers validate structure eagerly (columns, labels, paths);
-images are decoded lazily per item. :func:`validate_images` decodes everything once up front, which is cheap
-for small data; on a large set such as Pick-a-Pic skip it and a bad image raises when its item is loaded.
+columns), ``jsonl`` (JSONL + image folder) and ``videogen_csv`` (VideoGen-RewardBench CSV + video folder).
+Readers validate structure eagerly (columns, labels, paths); images and clips are decoded lazily per item.
+:func:`validate_media` decodes everything once up front, which is cheap for small data; on a large set such as
+Pick-a-Pic skip it and a bad image raises when its item is loaded.
 """
 
 from __future__ import annotations
@@ -16,9 +17,17 @@ from mmalign.data.images import load_image, to_tensor
 from mmalign.data.jsonl import read_jsonl
 from mmalign.data.pickapic import read_pickapic_parquet, write_pickapic_parquet
 from mmalign.data.records import PairRecord, check_ties
+from mmalign.data.video import load_video
+from mmalign.data.videogen import read_videogen_csv
 from mmalign.errors import UserError
 
-READERS = {"pickapic": read_pickapic_parquet, "hf_disk": read_hf_disk, "jsonl": read_jsonl}
+READERS = {
+    "pickapic": read_pickapic_parquet,
+    "hf_disk": read_hf_disk,
+    "jsonl": read_jsonl,
+    "videogen_csv": read_videogen_csv,
+}
+VIDEO_FORMATS = ("videogen_csv",)
 
 __all__ = [
     "PairDataset",
@@ -32,6 +41,7 @@ __all__ = [
     "read_pickapic_parquet",
     "to_tensor",
     "validate_images",
+    "validate_media",
     "write_pickapic_parquet",
 ]
 
@@ -43,17 +53,24 @@ def read_pairs(
     ties: str = "drop",
     image_root: str | None = None,
     split: str | None = None,
+    dimension: str | None = None,
+    weights: dict[str, float] | None = None,
 ) -> list[PairRecord]:
-    """Read preference pairs in ``format``; ``image_root`` is for jsonl only, ``split`` for hf_disk only."""
+    """Read preference pairs in ``format``; ``image_root`` is for jsonl and videogen_csv, ``split`` for hf_disk,
+    ``dimension`` / ``weights`` (the preference column, or a weighted mix) for videogen_csv."""
     if format not in READERS:
         raise UserError(f"data.format must be one of {', '.join(READERS)}, got {format!r}")
     check_ties(ties)
-    if image_root is not None and format != "jsonl":
-        raise UserError(f"data.image_root applies to format jsonl only, got format {format!r}")
+    if image_root is not None and format not in ("jsonl", "videogen_csv"):
+        raise UserError(f"data.image_root applies to formats jsonl and videogen_csv, got format {format!r}")
     if split is not None and format != "hf_disk":
         raise UserError(f"data.split applies to format hf_disk only, got format {format!r}")
+    if (dimension is not None or weights is not None) and format != "videogen_csv":
+        raise UserError(f"data.dimension / data.weights apply to format videogen_csv only, got {format!r}")
     options: dict = {"ties": ties}
-    if image_root is not None:
+    if format == "videogen_csv":
+        options.update(video_root=image_root, dimension=dimension, weights=weights)
+    elif image_root is not None:
         options["image_root"] = image_root
     if split is not None:
         options["split"] = split
@@ -64,28 +81,47 @@ def read_pairs(
 
 
 class PairDataset(Dataset):
-    """Records -> ``{"caption", "chosen" (3, R, R), "rejected" (3, R, R), "label", "index"}``, decoded per item."""
+    """Records -> ``{"caption", "chosen", "rejected", "label", "index"}``, decoded per item: images (3, R, R),
+    or clips (3, F, R, R) when ``num_frames`` is given (every ``frame_stride``-th frame)."""
 
-    def __init__(self, records: list[PairRecord], *, resolution: int) -> None:
+    def __init__(
+        self,
+        records: list[PairRecord],
+        *,
+        resolution: int,
+        num_frames: int | None = None,
+        frame_stride: int = 1,
+    ) -> None:
         if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
             raise UserError(f"data.resolution must be a positive integer, got {resolution!r}")
         self.records = records
-        self.resolution = resolution
+        self.resolution, self.num_frames, self.frame_stride = resolution, num_frames, frame_stride
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        chosen = load_image(record.chosen, where=record.where("chosen"))
-        rejected = load_image(record.rejected, where=record.where("rejected"))
         return {
             "caption": record.caption,
-            "chosen": to_tensor(chosen, self.resolution),  # (3, R, R)
-            "rejected": to_tensor(rejected, self.resolution),  # (3, R, R)
+            "chosen": self.load(record, "chosen"),  # (3, R, R) or (3, F, R, R)
+            "rejected": self.load(record, "rejected"),
             "label": record.label,
             "index": index,
         }
+
+    def load(self, record: PairRecord, side: str) -> torch.Tensor:
+        """One member of a pair as a model-ready tensor in [-1, 1]."""
+        source, where = getattr(record, side), record.where(side)
+        if self.num_frames is None:
+            return to_tensor(load_image(source, where=where), self.resolution)
+        return load_video(
+            source,
+            num_frames=self.num_frames,
+            resolution=self.resolution,
+            frame_stride=self.frame_stride,
+            where=where,
+        )
 
 
 def validate_images(records: list[PairRecord]) -> None:
@@ -93,6 +129,16 @@ def validate_images(records: list[PairRecord]) -> None:
     for record in records:
         load_image(record.chosen, where=record.where("chosen"))
         load_image(record.rejected, where=record.where("rejected"))
+
+
+def validate_media(dataset: PairDataset) -> None:
+    """Decode every image or clip of ``dataset`` once, so bad data fails before training."""
+    if dataset.num_frames is None:
+        validate_images(dataset.records)
+        return
+    for record in dataset.records:
+        dataset.load(record, "chosen")
+        dataset.load(record, "rejected")
 
 
 def collate_pairs(items: list[dict]) -> dict:

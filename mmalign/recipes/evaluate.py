@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw
 
-from mmalign.adapters import diffusion
+from mmalign import adapters
 from mmalign.errors import UserError
 
 EVAL_FIRST_SEED = 1000
@@ -29,15 +29,16 @@ class Scored:
     seeds: list[int]
     rewards: torch.Tensor  # (N,)
     mistakes: torch.Tensor | None  # (N,) bool, the toy world's targeted mistake
-    images: torch.Tensor  # (N, 3, H, W) in [0, 1]
+    images: torch.Tensor  # (N, 3, H, W) or (N, 3, F, H, W) in [0, 1]
 
 
-def prompt_list(spec: str, *, key: str) -> list[str]:
-    """A toy split name (train / val / test) or a text file with one prompt per line."""
-    from mmalign.toy import shapes
+def prompt_list(spec: str, *, key: str, world: str = "shapes") -> list[str]:
+    """A split name of the toy ``world`` (train / val / test) or a text file with one prompt per line."""
+    from mmalign.toy import WORLDS
 
-    if spec in shapes.SPLITS:
-        return shapes.prompts(spec)
+    splits = WORLDS[world]
+    if spec in splits.SPLITS:
+        return splits.prompts(spec)
     if os.path.isfile(spec):
         with open(spec) as f:
             prompts = [line.strip() for line in f if line.strip()]
@@ -45,7 +46,7 @@ def prompt_list(spec: str, *, key: str) -> list[str]:
             raise UserError(f"`{key}`: {spec} holds no prompts (one per line expected)")
         return prompts
     raise UserError(
-        f"`{key}` must be a toy split ({', '.join(shapes.SPLITS)}) or a text file of prompts, got {spec!r}"
+        f"`{key}` must be a toy split ({', '.join(splits.SPLITS)}) or a text file of prompts, got {spec!r}"
     )
 
 
@@ -63,13 +64,12 @@ def build_reward_model(name: str):
 
 
 def score_model(
-    components, unet, prompts, seeds, reward, *, steps: int, guidance_scale: float, batch_size: int = 128
+    adapter, network, prompts, seeds, reward, *, steps: int, guidance_scale: float, batch_size: int = 128
 ) -> Scored:
-    images = diffusion.sample(
-        components,
+    images = adapter.sample(
         prompts,
         seeds,
-        unet=unet,
+        network=network,
         steps=steps,
         guidance_scale=guidance_scale,
         batch_size=batch_size,
@@ -147,13 +147,7 @@ def format_table(summary: dict, names: list[str]) -> str:
 def write_grid(path: str, columns: dict[str, Scored], *, rows: int, scale: int = 4) -> None:
     """A side-by-side PNG: one row per prompt (its first seed), one column per model."""
     first = next(iter(columns.values()))
-    picks, seen = [], set()
-    for index, prompt in enumerate(first.prompts):
-        if prompt not in seen:
-            seen.add(prompt)
-            picks.append(index)
-        if len(picks) == rows:
-            break
+    picks = _first_sample_per_prompt(first.prompts, rows)
     height, width = first.images.shape[-2] * scale, first.images.shape[-1] * scale
     label_width, header = 220, 16
     canvas = Image.new("RGB", (label_width + width * len(columns), header + height * len(picks)), "white")
@@ -194,7 +188,7 @@ def plot_validation(path: str, runs: dict[str, str]) -> None:
 
 
 def evaluate_runs(
-    model_path: str,
+    model_cfg,
     final_dirs: dict[str, str],
     *,
     prompts_spec: str,
@@ -206,19 +200,20 @@ def evaluate_runs(
     grid_prompts: int,
     batch_size: int = 128,
     first_seed: int = EVAL_FIRST_SEED,
-) -> dict:
-    """Sample base and each ``final/``, write eval.json and the grid; returns the summary."""
-    components = diffusion.load_components(model_path)
+    world: str = "shapes",
+) -> tuple[dict, str]:
+    """Sample base and each ``final/``, write eval.json and the grid; returns the summary and the grid's path."""
+    adapter = adapters.load(model_cfg)
     prompts, seeds = prompt_seeds(
-        prompt_list(prompts_spec, key="eval.prompts"), seeds_per_prompt, first_seed=first_seed
+        prompt_list(prompts_spec, key="eval.prompts", world=world), seeds_per_prompt, first_seed=first_seed
     )
     reward = build_reward_model(reward_name)
     sample_kwargs = {"steps": steps, "guidance_scale": guidance_scale, "batch_size": batch_size}
-    base = score_model(components, components.unet, prompts, seeds, reward, **sample_kwargs)
+    base = score_model(adapter, adapter.network, prompts, seeds, reward, **sample_kwargs)
     others = {}
     for name, final_dir in final_dirs.items():
-        unet = diffusion.load_aligned(components, final_dir)
-        others[name] = score_model(components, unet, prompts, seeds, reward, **sample_kwargs)
+        network = adapter.load_aligned(final_dir)
+        others[name] = score_model(adapter, network, prompts, seeds, reward, **sample_kwargs)
     summary = summarize(base, others)
     summary.update(
         {
@@ -232,10 +227,39 @@ def evaluate_runs(
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    write_grid(
-        os.path.join(out_dir, "samples", "before_after.png"), {"base": base, **others}, rows=grid_prompts
-    )
-    return summary
+    columns = {"base": base, **others}
+    if adapter.media == "video":
+        grid = write_video_grids(os.path.join(out_dir, "samples"), columns, rows=grid_prompts)
+    else:
+        grid = os.path.join(out_dir, "samples", "before_after.png")
+        write_grid(grid, columns, rows=grid_prompts)
+    return summary, grid
+
+
+def write_video_grids(samples_dir: str, columns: dict[str, Scored], *, rows: int) -> str:
+    """Before/after clips side by side, one row per prompt (its first seed): an animated GIF and an MP4;
+    returns the GIF's path."""
+    from mmalign.data.video import write_video_grid
+
+    first = next(iter(columns.values()))
+    picks = _first_sample_per_prompt(first.prompts, rows)
+    videos = {name: scored.images[picks] for name, scored in columns.items()}
+    labels = [first.prompts[i] for i in picks]
+    for extension in ("mp4", "gif"):
+        path = os.path.join(samples_dir, f"before_after.{extension}")
+        write_video_grid(path, videos, labels)
+    return path
+
+
+def _first_sample_per_prompt(prompts: list[str], rows: int) -> list[int]:
+    picks, seen = [], set()
+    for index, prompt in enumerate(prompts):
+        if prompt not in seen:
+            seen.add(prompt)
+            picks.append(index)
+        if len(picks) == rows:
+            break
+    return picks
 
 
 def format_checks(summary: dict) -> str:

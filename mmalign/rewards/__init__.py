@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from mmalign.errors import UserError
 from mmalign.rewards.toy import ShapesReward
+from mmalign.rewards.toy_video import MovingShapesReward
 
-REWARDS = {"toy_shapes": ShapesReward}
+REWARDS = {"toy_shapes": ShapesReward, "toy_moving_shapes": MovingShapesReward}
 
 
 def build_reward(name: str, **kwargs):

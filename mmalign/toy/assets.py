@@ -19,13 +19,17 @@ from mmalign.toy import shapes
 PAIR_FIRST_SEED = 100_000  # far from the evaluation (1000+) and validation (2000+) seeds
 
 
-def ensure_base(model_path: str, log=print) -> None:
-    if os.path.isdir(os.path.join(model_path, "unet")):
+def ensure_base(cfg, log=print) -> None:
+    """Pretrain the toy world's base model where ``model.path`` does not hold one yet."""
+    path = cfg.model.path
+    if os.path.isfile(os.path.join(path, "model_index.json")):
         return
-    from mmalign.toy import base_model
-
-    log(f"toy base model missing at {model_path}: pretraining it (about 10 minutes on a CPU)")
-    base_model.main(["--out", model_path, "--seed", "0"])
+    if cfg.toy.world == "moving_shapes":
+        from mmalign.toy import video_base as builder
+    else:
+        from mmalign.toy import base_model as builder
+    log(f"toy base model missing at {path}: pretraining it (about 10 minutes on a CPU)")
+    builder.main(["--out", path, "--seed", "0"])
 
 
 def ensure_pairs(cfg: TrainConfig, log=print) -> None:

@@ -34,9 +34,11 @@ GUIDANCE_SCALES = (1.0, 1.5, 2.0)
 EVAL_SEED_BASE = 1000  # sample k of every prompt uses seed 1000 + k
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the grammar's vocabulary; wraps every caption in [BOS] … [EOS]."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + shapes.vocabulary())}
+def build_tokenizer(words: list[str] | None = None, max_length: int = MAX_TOKENS) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over ``words`` (default: the shapes grammar's vocabulary); wraps every caption in
+    [BOS] … [EOS]."""
+    words = shapes.vocabulary() if words is None else words
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + words)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -49,7 +51,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="[UNK]",
         bos_token="[BOS]",
         eos_token="[EOS]",
-        model_max_length=MAX_TOKENS,
+        model_max_length=max_length,
     )
 
 
