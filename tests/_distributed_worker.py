@@ -26,27 +26,32 @@ import sys
 
 import torch
 
-from mmalign.adapters import diffusion
+from mmalign.adapters import diffusion, flow
 from mmalign.config import load_config
 from mmalign.recipes import preference
 
 
 @contextlib.contextmanager
 def float64_recipe():
-    """Inside: the recipe loads its pipeline in float64 and draws float64 noise and LoRA weights."""
-    real = diffusion.load_components
+    """Inside: the recipe loads its pipeline (UNet or flow) in float64 and draws float64 noise and LoRA weights."""
+    real, real_flow = diffusion.load_components, flow.load_pipeline
 
     def load_float64(path, **kwargs):
         return real(path, dtype=torch.float64)
 
+    def load_flow_float64(path, **kwargs):
+        pipe = real_flow(path, dtype=torch.float64)
+        pipe.transformer.to(torch.float64)  # the modules diffusers keeps in fp32 (Wan's norms) too
+        return pipe
+
     previous = torch.get_default_dtype()
-    diffusion.load_components = load_float64
+    diffusion.load_components, flow.load_pipeline = load_float64, load_flow_float64
     torch.set_default_dtype(torch.float64)
     try:
         yield
     finally:
         torch.set_default_dtype(previous)
-        diffusion.load_components = real
+        diffusion.load_components, flow.load_pipeline = real, real_flow
 
 
 ACCELERATE_CONFIGS = os.path.join(

@@ -279,7 +279,7 @@ def test_constant_and_weighted_beta(flow_pipelines):
 
 
 def family_overrides(family: str, pipelines: dict, video_pairs: dict, pairs_parquet: str, out) -> list[str]:
-    data = video_pairs[family] if family in video_pairs else pairs_parquet
+    data = video_pairs.get(family, pairs_parquet)
     overrides = [
         *run_overrides(pipelines[family], data, out),
         *tiny_flow.media_overrides(family),

@@ -117,7 +117,13 @@ def per_sample_mean(squared: torch.Tensor) -> torch.Tensor:
 
 
 def weight_dtype(module: torch.nn.Module) -> torch.dtype:
-    """The dtype of ``module``'s (or a DDP / DeepSpeed wrapper's) floating-point weights."""
+    """The dtype of ``module``'s (or a DDP / DeepSpeed wrapper's) floating-point weights, leaving out the
+    modules diffusers keeps in fp32 whatever the model's dtype (``_keep_in_fp32_modules``, e.g. Wan's norms)."""
+    inner = module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+    kept = getattr(inner, "_keep_in_fp32_modules", None) or ()
+    for name, p in inner.named_parameters():
+        if p.is_floating_point() and not any(part in name.split(".") for part in kept):
+            return p.dtype
     return next(p.dtype for p in module.parameters() if p.is_floating_point())
 
 
