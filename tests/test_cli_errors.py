@@ -220,3 +220,96 @@ def test_good_tiny_run_exits_zero(capsys, tmp_path, config_file):
     assert (final / "pytorch_lora_weights.safetensors").is_file()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 1 and rows[-1]["loss"] == pytest.approx(0.693147, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------- flow models and video data
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory) -> str:
+    import tiny_flow
+
+    return tiny_flow.save("wan", tmp_path_factory.mktemp("wan") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def clip_pairs(tmp_path_factory) -> str:
+    import tiny_flow
+
+    return tiny_flow.write_videogen_csv(tmp_path_factory.mktemp("clips"), frames=5, size=32, rows=2)
+
+
+def flow_train(pipeline: str, data: str, out, *overrides: str) -> list[str]:
+    import tiny_flow
+
+    return [
+        "train",
+        "configs/quickstart.yaml",
+        *QUICK,
+        f"model.path={pipeline}",
+        f"data.path={data}",
+        f"output_dir={out}",
+        *tiny_flow.media_overrides("wan"),
+        "data.format=videogen_csv",
+        "data.dimension=VQ",
+        *overrides,
+    ]
+
+
+def test_a_video_that_cannot_be_decoded_names_its_row_and_column(capsys, tmp_path, wan_folder, clip_pairs):
+    import shutil
+
+    folder = tmp_path / "clips"
+    shutil.copytree(os.path.dirname(clip_pairs), folder)
+    (folder / "videos" / "1b.gif").write_bytes(b"not a video at all")
+    line = one_error(capsys, *flow_train(wan_folder, str(folder / "pairs.csv"), tmp_path / "run"))
+    assert "pairs.csv line 3" in line and "path_B" in line, line
+    assert not (tmp_path / "run").exists(), "nothing is written before the data passed its checks"
+
+
+def test_an_epsilon_unet_given_to_a_flow_run_names_the_kind(capsys, tmp_path, pixel_pipeline, clip_pairs):
+    line = one_error(capsys, *flow_train(pixel_pipeline, clip_pairs, tmp_path / "run"))
+    assert pixel_pipeline in line and "holds a UNet" in line and "model.kind=diffusion" in line
+
+
+def test_a_transformer_folder_with_the_diffusion_kind_names_the_kind(
+    capsys, tmp_path, wan_folder, pairs_parquet
+):
+    argv = train(
+        "configs/quickstart.yaml",
+        f"model.path={wan_folder}",
+        f"data.path={pairs_parquet}",
+        f"output_dir={tmp_path / 'run'}",
+    )
+    line = one_error(capsys, *argv)
+    assert wan_folder in line and "model.kind=flow" in line
+
+
+def test_a_dimension_that_is_not_a_csv_column_lists_the_columns(capsys, tmp_path, wan_folder, clip_pairs):
+    line = one_error(capsys, *flow_train(wan_folder, clip_pairs, tmp_path / "run", "data.dimension=QQ"))
+    assert "QQ" in line and "VQ" in line and "MQ" in line and "pairs.csv" in line
+
+
+def test_fewer_than_two_online_samples_per_prompt(capsys, tmp_path, wan_folder, clip_pairs):
+    line = one_error(
+        capsys,
+        *flow_train(
+            wan_folder, clip_pairs, tmp_path / "run", "online.enabled=true", "online.samples_per_prompt=1"
+        ),
+    )
+    assert "`online.samples_per_prompt` must be >= 2, got 1" in line
+
+
+def test_an_unknown_model_kind(capsys, config_file):
+    line = one_error(capsys, *train(config_file, "model.kind=audio"))
+    assert "`model.kind`" in line and "diffusion, flow" in line and "audio" in line
+
+
+def test_an_unknown_recipe(capsys, config_file):
+    line = one_error(capsys, *train(config_file, "recipe=ppo"))
+    assert "`recipe`" in line and "preference, rwr" in line and "ppo" in line
+
+
+def test_a_weighted_beta_needs_no_flow_model_but_a_logit_normal_density_does(capsys, config_file):
+    line = one_error(capsys, *train(config_file, "timesteps.density=logit_normal"))
+    assert "`timesteps.density`" in line and "uniform" in line

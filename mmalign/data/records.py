@@ -30,11 +30,12 @@ class PairRecord:
     chosen_column: str = "jpg_0"
     rejected_column: str = "jpg_1"
     row_unit: str = "row"
+    field_kind: str | None = None  # "key" or "column"; None: key for JSONL lines, column for table rows
 
     def where(self, side: str) -> str:
         """``"<source> row 17: column jpg_1"`` (or ``"line 3: key rejected"``) for ``side`` chosen/rejected."""
         column = self.chosen_column if side == "chosen" else self.rejected_column
-        kind = "key" if self.row_unit == "line" else "column"
+        kind = self.field_kind or ("key" if self.row_unit == "line" else "column")
         return f"{self.source} {self.row_unit} {self.row}: {kind} {column}"
 
 

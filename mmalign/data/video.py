@@ -46,9 +46,8 @@ def load_video(
             f"{where}: video {path} has {count} frames; needs at least {needed} "
             f"({num_frames} frames at frame_stride {frame_stride})"
         )
-    picked = [
-        to_tensor(Image.fromarray(frame), resolution) for frame in frames[::frame_stride]
-    ]  # F x (3, R, R)
+    images = [Image.fromarray(frame) for frame in frames[::frame_stride]]
+    picked = [to_tensor(image, resolution) for image in images]  # F x (3, R, R)
     return torch.stack(picked, dim=1)  # (3, F, R, R)
 
 
@@ -110,14 +109,18 @@ def _imageio() -> ModuleType:
 
 
 def _decode_frames(path: str, *, needed: int, where: str) -> tuple[list[np.ndarray], int]:
-    """The first ``needed`` RGB frames ``(H, W, 3)`` uint8, and how many frames were seen (< needed if short)."""
+    """The first ``needed`` decoded frames and how many were seen (< needed if the clip is short).
+
+    Frames come back as imageio gives them: ``(H, W, 3)``, or ``(H, W, 4)`` for a GIF frame with
+    transparency; ``to_tensor`` converts each to RGB.
+    """
     iio = _imageio()
     frames: list[np.ndarray] = []
     try:
         reader = iio.imiter(path)
         try:
             for frame in reader:
-                frames.append(_rgb(frame))
+                frames.append(frame)
                 if len(frames) == needed:
                     break
         finally:
@@ -128,11 +131,6 @@ def _decode_frames(path: str, *, needed: int, where: str) -> tuple[list[np.ndarr
         reason = lines[0].strip() if lines else type(err).__name__
         raise UserError(f"{where}: not a readable video {path} ({reason})") from None
     return frames, len(frames)
-
-
-def _rgb(frame: np.ndarray) -> np.ndarray:
-    """A decoded frame (grey, RGB or RGBA; any uint8 layout imageio returns) -> ``(H, W, 3)`` uint8."""
-    return np.asarray(Image.fromarray(frame).convert("RGB"))  # (H, W, 3)
 
 
 def _to_uint8_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -45,7 +45,7 @@ def read_videogen_csv(
         )
     root = os.path.realpath(video_root if video_root is not None else os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(root):
-        raise UserError(f"data.video_root: {video_root} is not a folder (video paths are relative to it)")
+        raise UserError(f"data.image_root: {video_root} is not a folder (video paths are relative to it)")
     records = []
     for line, cells in _rows(path, weights, key=key):
         record = _pair(cells, weights, line=line, source=path, root=root, ties=ties)
@@ -148,8 +148,12 @@ def _pair(
     video_b = _video_path(cells["path_B"], where=f"{where}: column path_B", root=root)
     label = 0.5 if tie else 1.0
     if score < 0 and not tie:
-        return PairRecord(cells["prompt"], video_b, video_a, label, line, source, "path_B", "path_A", "line")
-    return PairRecord(cells["prompt"], video_a, video_b, label, line, source, "path_A", "path_B", "line")
+        return PairRecord(
+            cells["prompt"], video_b, video_a, label, line, source, "path_B", "path_A", "line", "column"
+        )
+    return PairRecord(
+        cells["prompt"], video_a, video_b, label, line, source, "path_A", "path_B", "line", "column"
+    )
 
 
 def _video_path(value: str, *, where: str, root: str) -> str:
