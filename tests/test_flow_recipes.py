@@ -22,7 +22,7 @@ from mmalign.errors import UserError
 from mmalign.losses import rwr_weights
 from mmalign.pairs import OnlinePool
 from mmalign.recipes import preference, rwr
-from mmalign.toy import video_base
+from mmalign.toy import flow_base, moving
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def wan_pairs(tmp_path_factory) -> str:
 def toy_video_pipeline(tmp_path_factory) -> str:
     """An untrained pixel-space Wan pipeline of the moving-shapes world (one head, one layer)."""
     path = tmp_path_factory.mktemp("toy_video") / "pipe"
-    video_base.build_untrained(0, dim_heads=1, layers=1).save_pretrained(str(path))
+    flow_base.build_untrained(0, world="moving_shapes", dim_heads=1, layers=1).save_pretrained(str(path))
     return str(path)
 
 
@@ -189,7 +189,7 @@ def test_online_flow_dpo_refreshes_its_pool_from_the_policy_and_resumes_exactly(
         with open(ckpt / f"step-{step}" / "state.json") as f:
             pools[step] = json.load(f)["extras"]["pool"]
     assert pools[2]["generation"] == 0 and pools[4]["generation"] == 1
-    assert all(caption in video_base.moving.prompts("val") for caption in pools[4]["captions"])
+    assert all(caption in moving.prompts("val") for caption in pools[4]["captions"])
     first, second = (
         load_file(str(ckpt / "step-2" / "extra.safetensors")),
         load_file(str(ckpt / "step-4" / "extra.safetensors")),
@@ -266,3 +266,47 @@ def test_scored_jsonl_reader_checks_rewards_and_paths(tmp_path):
     outside.write_text(json.dumps({"caption": "x", "path": "../a.gif", "score": 1}) + "\n")
     with pytest.raises(UserError, match="escapes the dataset root"):
         read_scored_jsonl(str(outside), reward_column="score")
+
+
+def test_gradient_checkpointing_trains_the_same_lora(wan_pipeline, wan_pairs, tmp_path, float64):
+    plain = wan_config(wan_pipeline, wan_pairs, tmp_path / "plain", "optim.max_steps=2", "optim.batch_size=2")
+    recomputed = wan_config(
+        wan_pipeline,
+        wan_pairs,
+        tmp_path / "ckpt",
+        "optim.max_steps=2",
+        "optim.batch_size=2",
+        "model.gradient_checkpointing=true",
+    )
+    preference.train(plain)
+    preference.train(recomputed)
+    assert max_difference(final_lora(plain.output_dir), final_lora(recomputed.output_dir)) <= 1e-6
+
+
+def test_online_diffusion_dpo_builds_its_pool_from_the_toy_unet(tmp_path):
+    """Online pairs are modality-agnostic: the same pool feeds Diffusion-DPO on the shipped toy UNet."""
+    from conftest import TOY_BASE
+
+    cfg = load_config(
+        None,
+        [
+            f"model.path={TOY_BASE}",
+            f"output_dir={tmp_path / 'run'}",
+            *QUIET_RUN,
+            "online.enabled=true",
+            "online.prompts=val",
+            "online.samples_per_prompt=2",
+            "sampling.steps=2",
+            "optim.max_steps=2",
+            "optim.batch_size=4",
+            "checkpoint.every=2",
+            "log.every=1",
+            "loss.beta=300",
+        ],
+    )
+    preference.train(cfg)
+    extra = load_file(str(tmp_path / "run" / "checkpoints" / "step-2" / "extra.safetensors"))
+    assert extra["pool.chosen"].shape[1:] == (3, 16, 16)  # pixel-space latents of the 16×16 toy images
+    assert not torch.equal(extra["pool.chosen"], extra["pool.rejected"])
+    rows = metrics(cfg.output_dir)
+    assert [row["step"] for row in rows] == [1, 2] and rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)

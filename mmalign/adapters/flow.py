@@ -304,11 +304,13 @@ class FlowAdapter:
     def __init__(self, pipe, path: str, *, media_shape=None, density=None, shift=None, embedded_guidance=3.5):
         self.pipe, self.path = pipe, path
         self.family = FAMILIES[type(pipe).__name__]
-        self.media = "video" if self.family.video else "image"
         self.scheduler = pipe.scheduler
         if shift is not None:
             self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config, shift=shift)
         self._media_shape = tuple(media_shape) if media_shape else self.family.default_shape(pipe)
+        # a video family at one frame is a text-to-image model (as Wan generates images): its media are images,
+        # its latents keep the frame axis
+        self.media = "video" if self.family.video and self._media_shape[0] > 1 else "image"
         self.density = density or {"name": "logit_normal", "mean": 0.0, "std": 1.0}
         pipe.embedded_guidance = embedded_guidance
 
@@ -368,6 +370,8 @@ class FlowAdapter:
 
     def encode_media(self, pixels: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
         """Pixels in [-1, 1], (N, 3, H, W) or (N, 3, F, H, W) → latents; pixel-space models pass through."""
+        if self.family.video and pixels.dim() == 4:
+            pixels = pixels[:, :, None]  # an image as a one-frame clip (N, 3, 1, H, W)
         if self.pipe.vae is None:
             return pixels.float()
         with torch.no_grad():
@@ -377,6 +381,8 @@ class FlowAdapter:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → media in [0, 1]."""
         pixels = latents if self.pipe.vae is None else self.family.decode(self.pipe.vae, latents)
+        if self.media == "image" and pixels.dim() == 5:
+            pixels = pixels[:, :, 0]  # (N, 3, H, W) of a one-frame model
         return (pixels.float().clamp(-1, 1) + 1) / 2
 
     # --- scoring

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -136,8 +137,13 @@ def global_batch(cfg: RunConfig, accelerator: Accelerator) -> int:
 def resolve_attention(choice: str, device: torch.device) -> str:
     """``model.attention`` → the backend to use: ``auto`` takes xformers only where it is installed and usable
     (a CUDA device), else SDPA; an explicit choice that cannot run here is an error."""
-    usable = device.type == "cuda" and _xformers_importable()
+    installed = _xformers_importable()
+    usable = device.type == "cuda" and installed
     if choice == "auto":
+        if installed and not usable:
+            warnings.warn(
+                f"xformers is installed but cannot run on {device.type}; model.attention=auto uses SDPA"
+            )
         return "xformers" if usable else "sdpa"
     if choice == "xformers" and not usable:
         where = "installed" if device.type == "cuda" else "usable on a CUDA device"

@@ -24,12 +24,15 @@ def ensure_base(cfg, log=print) -> None:
     path = cfg.model.path
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return
-    if cfg.toy.world == "moving_shapes":
-        from mmalign.toy import video_base as builder
-    else:
-        from mmalign.toy import base_model as builder
     log(f"toy base model missing at {path}: pretraining it (about 10 minutes on a CPU)")
-    builder.main(["--out", path, "--seed", "0"])
+    if cfg.model.kind == "flow":
+        from mmalign.toy import flow_base
+
+        flow_base.main(["--world", cfg.toy.world, "--out", path, "--seed", "0"])
+    else:
+        from mmalign.toy import base_model
+
+        base_model.main(["--out", path, "--seed", "0"])
 
 
 def ensure_pairs(cfg: TrainConfig, log=print) -> None:
