@@ -142,7 +142,8 @@ def resolve_attention(choice: str, device: torch.device) -> str:
     if choice == "auto":
         if installed and not usable:
             warnings.warn(
-                f"xformers is installed but cannot run on {device.type}; model.attention=auto uses SDPA"
+                f"xformers is installed but cannot run on {device.type}; model.attention=auto uses SDPA",
+                stacklevel=2,
             )
         return "xformers" if usable else "sdpa"
     if choice == "xformers" and not usable:
