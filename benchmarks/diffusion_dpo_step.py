@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -62,7 +63,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from mmalign.adapters import diffusion
 from mmalign.config import TrainConfig
-from mmalign.recipes import preference
+from mmalign.recipes import preference, runtime
 
 TIME_TARGET = 1.15
 MEMORY_TARGET = 1.25
@@ -167,7 +168,10 @@ def build_setup(model: str, pairs: int, device: torch.device) -> Setup:
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     components = diffusion.Components(unet, scheduler, text_encoder.to(device), tokenizer)
     unet.to(device)
-    params = preference.add_configured_lora(unet, cfg.lora)
+    lora = cfg.lora
+    params = diffusion.add_lora(
+        unet, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules
+    )
     unet.train()
     optimizer = torch.optim.AdamW(
         params,
@@ -204,7 +208,9 @@ def optimizer_step(s: Setup) -> None:
 
 
 def dpo_step(s: Setup) -> None:
-    stats = preference.preference_step(s.unet, s.unet, None, s.components, s.batch, s.cfg)
+    adapter = diffusion.DiffusionAdapter(s.components, "")
+    reference = functools.partial(runtime.reference_of, s.unet, None)
+    stats = preference.preference_step(adapter, s.unet, reference, s.batch, s.cfg)
     stats["loss"].mean().backward()
     optimizer_step(s)
 

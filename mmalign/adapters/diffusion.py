@@ -78,15 +78,15 @@ def load_components(path: str, *, dtype: torch.dtype = torch.float32) -> Compone
     local = {"local_files_only": True}
     unet = load_unet(path, dtype=dtype)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **local)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype, **local)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **local)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), **local)
     vae = None
     if os.path.isdir(os.path.join(path, "vae")):
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **local)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype, **local)
     text_encoder_2 = tokenizer_2 = None
     if os.path.isdir(os.path.join(path, "text_encoder_2")):
         text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-            path, subfolder="text_encoder_2", torch_dtype=dtype, **local
+            path, subfolder="text_encoder_2", dtype=dtype, **local
         )
         tokenizer_2 = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer_2"), **local)
     for module in (text_encoder, vae, text_encoder_2):
@@ -98,7 +98,7 @@ def load_components(path: str, *, dtype: torch.dtype = torch.float32) -> Compone
 def load_unet(path: str, *, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
     """The UNet alone of the pipeline folder ``path`` (checked by ``load_components``)."""
     return UNet2DConditionModel.from_pretrained(
-        path, subfolder="unet", torch_dtype=dtype, local_files_only=True
+        path, subfolder="unet", dtype=dtype, local_files_only=True
     )
 
 

@@ -285,7 +285,7 @@ def load_pipeline(path: str, *, dtype: torch.dtype = torch.float32):
     index = read_index(path)
     absent = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
     pipeline_class = getattr(diffusers, index["_class_name"])
-    pipe = pipeline_class.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **absent)
+    pipe = pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, **absent)
     pipe.set_progress_bar_config(disable=True)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -349,7 +349,7 @@ class FlowAdapter:
     def load_network(self, dtype: torch.dtype) -> torch.nn.Module:
         network_class = type(self.network)
         return network_class.from_pretrained(
-            self.path, subfolder="transformer", torch_dtype=dtype, local_files_only=True
+            self.path, subfolder="transformer", dtype=dtype, local_files_only=True
         )
 
     def add_lora(self, network, *, rank, alpha, dropout, target_modules) -> list[torch.nn.Parameter]:
@@ -357,6 +357,10 @@ class FlowAdapter:
 
     def set_attention(self, network, backend: str) -> None:
         """Map ``model.attention`` onto diffusers' attention dispatch (``set_attention_backend``)."""
+        from diffusers.utils import logging
+
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # its "experimental feature" notice, once per call, says nothing to users
         try:
             network.set_attention_backend(ATTENTION_BACKENDS[backend])
         except (RuntimeError, ValueError, ImportError) as err:
