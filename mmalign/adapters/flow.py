@@ -367,6 +367,8 @@ class FlowAdapter:
             raise UserError(
                 f"`model.attention` {backend!r} cannot run here: {str(err).splitlines()[0]}"
             ) from None
+        finally:
+            logging.set_verbosity(verbosity)
 
     # --- data
     def media_shape(self) -> tuple[int, ...]:
