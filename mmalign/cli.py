@@ -62,11 +62,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mmalign.config import describe, load_config, to_yaml
+    from mmalign.config import SCHEMAS, describe, load_config, to_yaml
 
     if args.command == "config":
         if args.config is None:
-            print("\n".join(describe()))
+            # every key of the default recipe, then what each other recipe adds
+            shown = describe(SCHEMAS["preference"])
+            print("\n".join(shown))
+            for name, schema in SCHEMAS.items():
+                extra = [line for line in describe(schema) if line not in shown]
+                if extra and name != "preference":
+                    print(f"# recipe: {name}\n" + "\n".join(extra))
         else:
             print(to_yaml(load_config(args.config, args.overrides)), end="")
         return 0

@@ -183,7 +183,7 @@ class OnlineConfig:
 class RWRConfig:
     temperature: float = _spec(
         1.0,
-        doc="τ of the weights w = B·softmax(r/τ) over the global batch (Flow-RWR, arXiv 2501.13918).",
+        doc="τ of the weights w = G·softmax(r/τ) over the G samples of each global batch (Flow-RWR, arXiv 2501.13918).",
         gt=0,
     )
 

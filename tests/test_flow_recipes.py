@@ -39,7 +39,7 @@ def wan_pairs(tmp_path_factory) -> str:
 def toy_video_pipeline(tmp_path_factory) -> str:
     """An untrained pixel-space Wan pipeline of the moving-shapes world (one head, one layer)."""
     path = tmp_path_factory.mktemp("toy_video") / "pipe"
-    flow_base.build_untrained(0, world="moving_shapes", dim_heads=1, layers=1).save_pretrained(str(path))
+    flow_base.build_untrained(0, world="moving_shapes", heads=1, layers=1).save_pretrained(str(path))
     return str(path)
 
 

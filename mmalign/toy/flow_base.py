@@ -74,7 +74,7 @@ WORLDS = {
 
 
 def build_untrained(
-    seed: int = 0, *, world: str = "moving_shapes", dim_heads: int = 4, layers: int = 4
+    seed: int = 0, *, world: str = "moving_shapes", heads: int = 2, layers: int = 4
 ) -> WanPipeline:
     """Fresh, randomly initialised toy pipeline of ``world`` (pixel space: no VAE)."""
     torch.manual_seed(seed)
@@ -96,13 +96,16 @@ def build_untrained(
     )
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2),  # one token per 2×2 pixels of each frame: 4 · 8 · 8 = 256 tokens a clip
-        num_attention_heads=dim_heads,
-        attention_head_dim=16,
+        num_attention_heads=heads,
+        # Wan's rotary embedding splits each head into frame / height / width parts (2·⌊d/6⌋ for each spatial
+        # axis): at head size 16 that is 2 frequencies, too few to tell the 8 token positions of a 16-pixel side
+        # apart (the first toy base ignored position and motion words); 32 gives 5 per axis.
+        attention_head_dim=32,
         in_channels=3,
         out_channels=3,
         text_dim=TEXT_DIM,
         freq_dim=64,
-        ffn_dim=32 * dim_heads,
+        ffn_dim=64 * heads,
         num_layers=layers,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
