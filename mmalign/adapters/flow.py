@@ -308,9 +308,6 @@ class FlowAdapter:
         if shift is not None:
             self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config, shift=shift)
         self._media_shape = tuple(media_shape) if media_shape else self.family.default_shape(pipe)
-        # a video family at one frame is a text-to-image model (as Wan generates images): its media are images,
-        # its latents keep the frame axis
-        self.media = "video" if self.family.video and self._media_shape[0] > 1 else "image"
         self.density = density or {"name": "logit_normal", "mean": 0.0, "std": 1.0}
         pipe.embedded_guidance = embedded_guidance
 
@@ -325,6 +322,12 @@ class FlowAdapter:
     @property
     def network(self) -> torch.nn.Module:
         return self.pipe.transformer
+
+    @property
+    def media(self) -> str:
+        """A video family at one frame is a text-to-image model (as Wan generates images): its media are
+        images, its latents keep the frame axis."""
+        return "video" if self.family.video and self._media_shape[0] > 1 else "image"
 
     def to(self, device: torch.device) -> None:
         for name, module in self.pipe.components.items():

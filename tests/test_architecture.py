@@ -1,0 +1,46 @@
+"""The layering DESIGN.md promises, checked on the source: recipes reach models only through the adapter
+registry, and losses never import models."""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+
+from mmalign import adapters
+from mmalign.adapters.base import Adapter
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mmalign")
+MODALITY_MODULES = {f"mmalign.adapters.{name}" for name in ("diffusion", "flow")}
+
+
+def imported_modules(path: str) -> set[str]:
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("folder", ["recipes", "losses"])
+def test_recipes_and_losses_import_no_modality_module(folder):
+    for name in sorted(os.listdir(os.path.join(PACKAGE, folder))):
+        if name.endswith(".py"):
+            found = imported_modules(os.path.join(PACKAGE, folder, name)) & MODALITY_MODULES
+            assert not found, f"mmalign/{folder}/{name} imports {sorted(found)}; go through mmalign.adapters"
+
+
+def test_every_registered_adapter_implements_the_protocol():
+    wanted = {name for name in dir(Adapter) if not name.startswith("_")}
+    wanted |= set(Adapter.__annotations__)
+    for kind, adapter in adapters.ADAPTERS.items():
+        assert adapter.kind == kind
+        missing = sorted(name for name in wanted if not hasattr(adapter, name) and name != "network")
+        assert not missing, f"{adapter.__name__} lacks {missing}"
+        assert isinstance(adapter.__dict__.get("network"), property), f"{adapter.__name__}.network"
