@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     base = toy_commands.add_parser("build-base", help="pretrain the toy text-to-image base model (≈10 min)")
     base.add_argument("--out", default="assets/toy-t2i")
     base.add_argument("--seed", type=int, default=0)
+    flow_base = toy_commands.add_parser(
+        "build-flow-base", help="pretrain a toy rectified-flow base (Wan, pixel space) for a toy world"
+    )
+    flow_base.add_argument("--world", choices=("moving_shapes", "shapes"), default="moving_shapes")
+    flow_base.add_argument("--out", default="assets/toy-video")
+    flow_base.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -77,9 +83,15 @@ def _run(args: argparse.Namespace) -> int:
             print(to_yaml(load_config(args.config, args.overrides)), end="")
         return 0
     if args.command == "toy":
+        # the same entry points as `python -m mmalign.toy.base_model` / `.flow_base`, so both reproduce the
+        # shipped assets
+        if args.toy_command == "build-flow-base":
+            from mmalign.toy import flow_base
+
+            flow_base.main(["--world", args.world, "--out", args.out, "--seed", str(args.seed)])
+            return 0
         from mmalign.toy import base_model
 
-        # the same entry point as `python -m mmalign.toy.base_model`, so both reproduce the shipped asset
         base_model.main(["--out", args.out, "--seed", str(args.seed)])
         return 0
     cfg = load_config(args.config, args.overrides)
