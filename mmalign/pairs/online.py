@@ -29,10 +29,10 @@ class OnlinePool:
     carry; ``generation`` numbers the pools (0: sampled at step 0 from the reference).
     """
 
-    def __init__(self, cfg, adapter, accelerator, *, log=print):
+    def __init__(self, cfg, adapter, accelerator):
         from mmalign.recipes.evaluate import prompt_list
 
-        self.cfg, self.adapter, self.accelerator, self.log = cfg, adapter, accelerator, log
+        self.cfg, self.adapter, self.accelerator = cfg, adapter, accelerator
         online = cfg.online
         self.prompts = prompt_list(online.prompts, key="online.prompts", world=cfg.toy.world)
         self.reward = build_reward(online.reward or cfg.eval.reward)
@@ -56,8 +56,9 @@ class OnlinePool:
         every = self.cfg.online.refresh_every
         return every > 0 and step % every == 0 and step // every != self.generation
 
-    def refresh(self, step: int, policy) -> None:
-        """Build pool ``step // refresh_every`` (0 at the start) from the reference or the current policy."""
+    def refresh(self, step: int, policy, *, log=print) -> None:
+        """Build pool ``step // refresh_every`` (0 at the start) from the reference or the current policy;
+        ``log`` gets one line on what was built."""
         every = self.cfg.online.refresh_every
         generation = step // every if every else 0
         start = time.perf_counter()

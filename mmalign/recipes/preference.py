@@ -239,7 +239,7 @@ def train(
     for step in run.steps():
         if cfg.online.enabled:
             if source.due(step):
-                source.refresh(step, policy)
+                source.refresh(step, policy, log=run.note)
             if stream is None or stream.salt != source.generation:
                 stream = PairStream(len(source), cfg.optim.seed, salt=source.generation)
         for micro_step in range(cfg.optim.gradient_accumulation_steps):

@@ -18,7 +18,6 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -322,7 +321,6 @@ class Run:
             desc=f"{metrics_label} ({self.out_dir})",
             disable=not (self.is_main and cfg.log.progress),
             dynamic_ncols=True,
-            file=sys.stdout,
         )
         self.window: dict[str, list[torch.Tensor]] = {}
         self.window_start = time.perf_counter()
@@ -332,6 +330,11 @@ class Run:
             self.val_history.append((0, reward))
             if self.is_main:
                 self._write({"step": 0, "val_reward": reward})
+
+    def note(self, text: str) -> None:
+        """One line for the user (rank 0, with the progress bar kept intact)."""
+        if self.is_main and self.cfg.log.progress:
+            self.bar.write(text)
 
     # --- the loop's skeleton
     def steps(self) -> range:

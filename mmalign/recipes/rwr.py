@@ -144,7 +144,7 @@ def train(
         # 2. samples: the current pool, the weights of the whole global batch
         if cfg.online.enabled:
             if source.due(step):
-                source.refresh(step, policy)
+                source.refresh(step, policy, log=run.note)
             if stream is None or stream.salt != source.generation:
                 stream = PairStream(len(source), cfg.optim.seed, salt=source.generation)
         first = step * run.global_batch
