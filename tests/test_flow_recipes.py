@@ -283,7 +283,7 @@ def test_gradient_checkpointing_trains_the_same_lora(wan_pipeline, wan_pairs, tm
     assert max_difference(final_lora(plain.output_dir), final_lora(recomputed.output_dir)) <= 1e-6
 
 
-def test_online_diffusion_dpo_builds_its_pool_from_the_toy_unet(tmp_path):
+def test_online_diffusion_dpo_builds_its_pool_from_the_toy_unet(tmp_path, capsys):
     """Online pairs are modality-agnostic: the same pool feeds Diffusion-DPO on the shipped toy UNet."""
     from conftest import TOY_BASE
 
@@ -301,10 +301,16 @@ def test_online_diffusion_dpo_builds_its_pool_from_the_toy_unet(tmp_path):
             "optim.batch_size=4",
             "checkpoint.every=2",
             "log.every=1",
+            "log.progress=true",
             "loss.beta=300",
         ],
     )
     preference.train(cfg)
+    printed = capsys.readouterr()
+    assert (
+        "online pool 0 at step 0:" in printed.out + printed.err
+        and "sampled from the reference" in printed.out + printed.err
+    )
     extra = load_file(str(tmp_path / "run" / "checkpoints" / "step-2" / "extra.safetensors"))
     assert extra["pool.chosen"].shape[1:] == (3, 16, 16)  # pixel-space latents of the 16×16 toy images
     assert not torch.equal(extra["pool.chosen"], extra["pool.rejected"])

@@ -27,7 +27,11 @@ def test_flow_dpo_video_toy_removes_the_motion_mistake(tmp_path, capsys, monkeyp
     for key in EVAL_KEYS:
         assert key in summary
     assert summary["num_samples"] >= 64
-    for name in ("samples/before_after.gif", "samples/before_after.mp4", "final/pytorch_lora_weights.safetensors"):
+    for name in (
+        "samples/before_after.gif",
+        "samples/before_after.mp4",
+        "final/pytorch_lora_weights.safetensors",
+    ):
         assert (out / name).exists(), name
     assert summary["aligned_reward_gain_z"] > 2
     assert summary["win_rate"] > summary["control_win_rate"]

@@ -97,9 +97,7 @@ def load_components(path: str, *, dtype: torch.dtype = torch.float32) -> Compone
 
 def load_unet(path: str, *, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
     """The UNet alone of the pipeline folder ``path`` (checked by ``load_components``)."""
-    return UNet2DConditionModel.from_pretrained(
-        path, subfolder="unet", dtype=dtype, local_files_only=True
-    )
+    return UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype, local_files_only=True)
 
 
 def save_components(components: Components, path: str, *, unet: UNet2DConditionModel | None = None) -> None:

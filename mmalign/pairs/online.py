@@ -69,11 +69,11 @@ class OnlinePool:
             with policy.sampling() as network:
                 latents, rewards, prompts = self._sample(network, generation, relayout=not policy.owned)
         self._select(latents, rewards, prompts, generation)
-        if self.accelerator.is_main_process and self.cfg.log.progress:
+        if self.accelerator.is_main_process:
             source = (
                 "reference" if generation == 0 or self.cfg.online.refresh_from == "reference" else "policy"
             )
-            self.log(
+            log(
                 f"online pool {generation} at step {step}: {self.summary()} sampled from the {source} "
                 f"in {time.perf_counter() - start:.0f} s"
             )
