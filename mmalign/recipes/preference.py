@@ -25,44 +25,19 @@ from mmalign.errors import UserError
 from mmalign.losses import PAIRWISE, get_loss
 from mmalign.pairs import OnlinePool
 from mmalign.recipes import runtime
-from mmalign.recipes.runtime import RunResult
+from mmalign.recipes.runtime import PairStream, RunResult
 
 OBJECTIVES = (*PAIRWISE, "sft")
 
 __all__ = ["OBJECTIVES", "LatentCache", "PairStream", "RunResult", "build_batch", "preference_step", "train"]
 
 
-class PairStream:
-    """The global, epoch-shuffled order of pairs and the per-pair randomness, keyed by stream position.
-
-    ``salt`` keys the order of one pair pool among several (an online run's pools are rebuilt); the noise,
-    timestep and dropout of a position do not depend on it."""
-
-    def __init__(self, num_pairs: int, seed: int, *, salt: int = 0):
-        self.num_pairs, self.seed, self.salt = num_pairs, seed, salt
-        self._orders: dict[int, torch.Tensor] = {}
-
-    def pair_index(self, position: int) -> int:
-        epoch, offset = divmod(position, self.num_pairs)
-        if epoch not in self._orders:
-            key = -1 - epoch - (self.salt << 24)
-            self._orders = {epoch: torch.randperm(self.num_pairs, generator=self._generator(key))}
-        return int(self._orders[epoch][offset])
-
-    def randomness(self, position: int, adapter: Adapter, latent_shape: torch.Size, caption_dropout: float):
-        """(noise, timestep, drop caption, swap members) for the pair at ``position``."""
-        g = self._generator(position)
-        noise, t = adapter.draw(g, latent_shape)  # shared by both members, and by policy and reference
-        drop = bool(torch.rand(1, generator=g) < caption_dropout)
-        swap = bool(torch.rand(1, generator=g) < 0.5)
-        return noise, t, drop, swap
-
-    def _generator(self, key: int) -> torch.Generator:
-        return torch.Generator().manual_seed((self.seed << 33) + key + (1 << 32))
-
-
 class LatentCache:
-    """Model-space latents of each offline pair, computed once (VAE encode, or pixels for pixel-space models)."""
+    """Model-space latents of each offline pair, computed once (VAE encode, or pixels for pixel-space models).
+
+    An offline source never changes: ``generation`` is 0 and it is never ``due`` for a rebuild."""
+
+    generation = 0
 
     def __init__(self, dataset: PairDataset, adapter: Adapter, enabled: bool):
         self.dataset, self.adapter, self.enabled = dataset, adapter, enabled
@@ -70,6 +45,9 @@ class LatentCache:
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def due(self, step: int) -> bool:
+        return False
 
     def get(self, index: int) -> tuple[str, torch.Tensor, torch.Tensor, float]:
         record = self.dataset.records[index]
@@ -234,14 +212,10 @@ def train(
         metrics_label=cfg.loss.name,
     )
 
-    # 2. pairs: the stream over the offline data or the current online pool ---------------------------------
-    stream = PairStream(len(source), cfg.optim.seed) if not cfg.online.enabled else None
+    stream = None
     for step in run.steps():
-        if cfg.online.enabled:
-            if source.due(step):
-                source.refresh(step, policy, log=run.note)
-            if stream is None or stream.salt != source.generation:
-                stream = PairStream(len(source), cfg.optim.seed, salt=source.generation)
+        # 2. pairs: the stream over the offline data or the current online pool (rebuilt when due)
+        stream = runtime.stream_at(step, source, stream, policy, run)
         for micro_step in range(cfg.optim.gradient_accumulation_steps):
             batch = build_batch(
                 stream, source, run.positions(step, micro_step), cfg, adapter, accelerator.device

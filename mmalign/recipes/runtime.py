@@ -271,6 +271,48 @@ def _lora_options(cfg: RunConfig) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------------ stream
+
+
+class PairStream:
+    """The global, epoch-shuffled order of pairs and the per-pair randomness, keyed by stream position.
+
+    ``salt`` keys the order of one pair pool among several (an online run's pools are rebuilt); the noise,
+    timestep and dropout of a position do not depend on it."""
+
+    def __init__(self, num_pairs: int, seed: int, *, salt: int = 0):
+        self.num_pairs, self.seed, self.salt = num_pairs, seed, salt
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def pair_index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_pairs)
+        if epoch not in self._orders:
+            key = -1 - epoch - (self.salt << 24)
+            self._orders = {epoch: torch.randperm(self.num_pairs, generator=self._generator(key))}
+        return int(self._orders[epoch][offset])
+
+    def randomness(self, position: int, adapter: Adapter, latent_shape: torch.Size, caption_dropout: float):
+        """(noise, timestep, drop caption, swap members) for the pair at ``position``."""
+        g = self._generator(position)
+        noise, t = adapter.draw(g, latent_shape)  # shared by both members, and by policy and reference
+        drop = bool(torch.rand(1, generator=g) < caption_dropout)
+        swap = bool(torch.rand(1, generator=g) < 0.5)
+        return noise, t, drop, swap
+
+    def _generator(self, key: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed << 33) + key + (1 << 32))
+
+
+def stream_at(step: int, source, stream: PairStream | None, policy: Policy, run: Run) -> PairStream:
+    """The stream of optimizer step ``step`` over ``source`` (offline data or an online pool): a pool due for a
+    rebuild is rebuilt first, from ``policy``, and gets a stream of its own."""
+    if source.due(step):
+        source.refresh(step, policy, log=run.note)
+    if stream is None or stream.salt != source.generation:
+        stream = PairStream(len(source), run.cfg.optim.seed, salt=source.generation)
+    return stream
+
+
 # --------------------------------------------------------------------------------------------------- run
 
 

@@ -25,12 +25,15 @@ from mmalign.errors import UserError
 from mmalign.losses import rwr_weights
 from mmalign.pairs import OnlineSamples
 from mmalign.recipes import runtime
-from mmalign.recipes.preference import PairStream, media_options
-from mmalign.recipes.runtime import RunResult
+from mmalign.recipes.preference import media_options
+from mmalign.recipes.runtime import PairStream, RunResult
 
 
 class ScoredCache:
-    """Latents of each offline scored sample, computed once (VAE encode, or pixels in pixel space)."""
+    """Latents of each offline scored sample, computed once (VAE encode, or pixels in pixel space); like every
+    offline source it never changes (``generation`` 0, never ``due``)."""
+
+    generation = 0
 
     def __init__(self, dataset: ScoredDataset, adapter: Adapter, enabled: bool):
         self.dataset, self.adapter, self.enabled = dataset, adapter, enabled
@@ -38,6 +41,9 @@ class ScoredCache:
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def due(self, step: int) -> bool:
+        return False
 
     def reward(self, index: int) -> float:
         return self.dataset.records[index].reward
@@ -138,15 +144,10 @@ def train(
         extras={"pool": source} if cfg.online.enabled else None,
         metrics_label="rwr",
     )
-    stream = None if cfg.online.enabled else PairStream(len(source), cfg.optim.seed)
-    micro = cfg.optim.batch_size
+    stream, micro = None, cfg.optim.batch_size
     for step in run.steps():
-        # 2. samples: the current pool, the weights of the whole global batch
-        if cfg.online.enabled:
-            if source.due(step):
-                source.refresh(step, policy, log=run.note)
-            if stream is None or stream.salt != source.generation:
-                stream = PairStream(len(source), cfg.optim.seed, salt=source.generation)
+        # 2. samples: the current pool (rebuilt when due), the weights of the whole global batch
+        stream = runtime.stream_at(step, source, stream, policy, run)
         first = step * run.global_batch
         weights = step_weights(
             stream, source, list(range(first, first + run.global_batch)), cfg, step

@@ -52,6 +52,8 @@ class World:
     frames: int
     reward: type
     mistake: str  # the name of the targeted mistake in the metrics
+    patch: tuple[int, int, int]  # the transformer's (frames, height, width) patch
+    heads: int  # attention heads of 32 channels each
 
     @property
     def media_shape(self) -> tuple[int, int, int]:
@@ -68,16 +70,25 @@ class World:
 
 
 WORLDS = {
-    "moving_shapes": World(moving, moving.FRAMES, MovingShapesReward, "wrong_direction_rate"),
-    "shapes": World(shapes, 1, ShapesReward, "wrong_colour_rate"),
+    # One token per 4×4 pixels × all 4 frames (16 tokens a clip). With a (1, 2, 2) patch — one frame per token,
+    # 256 tokens — and with (4, 2, 2) tubes, the video bases ignored the direction words (their denoising error
+    # was the same for all four): Wan's only positional signal is its relative rotary embedding, so no token can
+    # place itself on the canvas or in the clip from a noise-only input. Inside a 4×4 × 4-frame tube the moving
+    # edge of the shape draws a diagonal in (x, t) that the token sees itself, and the direction word says which.
+    "moving_shapes": World(
+        moving, moving.FRAMES, MovingShapesReward, "wrong_direction_rate", (moving.FRAMES, 4, 4), 4
+    ),
+    "shapes": World(shapes, 1, ShapesReward, "wrong_colour_rate", (1, 2, 2), 2),
 }
 
 
 def build_untrained(
-    seed: int = 0, *, world: str = "moving_shapes", heads: int = 2, layers: int = 4
+    seed: int = 0, *, world: str = "moving_shapes", heads: int | None = None, layers: int = 4
 ) -> WanPipeline:
-    """Fresh, randomly initialised toy pipeline of ``world`` (pixel space: no VAE)."""
+    """Fresh, randomly initialised toy pipeline of ``world`` (pixel space: no VAE); ``heads`` defaults to the
+    world's."""
     torch.manual_seed(seed)
+    heads = heads or WORLDS[world].heads
     tokenizer = build_tokenizer(WORLDS[world].module.vocabulary(), max_length=MAX_TOKENS)
     text_encoder = UMT5EncoderModel(
         UMT5Config(
@@ -95,7 +106,7 @@ def build_untrained(
         )
     )
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),  # one token per 2×2 pixels of each frame: 4 · 8 · 8 = 256 tokens a clip
+        patch_size=WORLDS[world].patch,
         num_attention_heads=heads,
         # Wan's rotary embedding splits each head into frame / height / width parts (2·⌊d/6⌋ for each spatial
         # axis): at head size 16 that is 2 frequencies, too few to tell the 8 token positions of a 16-pixel side
