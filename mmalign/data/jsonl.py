@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from mmalign.data.records import PairRecord, check_ties
+from mmalign.data.records import PairRecord, check_ties, path_inside
 from mmalign.errors import UserError
 
 KEYS = ("caption", "chosen", "rejected")
@@ -64,19 +64,8 @@ def _parse_line(text: str, *, where: str, row: int, source: str, root: str, ties
         raise UserError(f"{where}: key label is {label!r}; accepted: {LABELS}")
     if label == 0.5 and ties == "drop":
         return None
-    chosen = _image_path(entry["chosen"], where=f"{where}: key chosen", root=root)
-    rejected = _image_path(entry["rejected"], where=f"{where}: key rejected", root=root)
+    chosen = path_inside(entry["chosen"], where=f"{where}: key chosen", root=root)
+    rejected = path_inside(entry["rejected"], where=f"{where}: key rejected", root=root)
     return PairRecord(
         entry["caption"], chosen, rejected, float(label), row, source, "chosen", "rejected", "line"
     )
-
-
-def _image_path(value: str, *, where: str, root: str) -> str:
-    resolved = os.path.realpath(os.path.join(root, value))
-    if os.path.commonpath([root, resolved]) != root:
-        raise UserError(
-            f"{where}: path {value!r} escapes the dataset root {root} (paths must stay inside it)"
-        )
-    if not os.path.isfile(resolved):
-        raise UserError(f"{where}: image {value!r} not found (looked for {resolved})")
-    return resolved

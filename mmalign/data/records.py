@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from mmalign.errors import UserError
@@ -43,3 +44,16 @@ def check_ties(ties: str) -> None:
     """Raise unless ``ties`` is one of :data:`TIES`."""
     if ties not in TIES:
         raise UserError(f"data.ties must be one of {', '.join(repr(t) for t in TIES)}, got {ties!r}")
+
+
+def path_inside(value: str, *, where: str, root: str, what: str = "image") -> str:
+    """The absolute, symlink-resolved path of an existing file ``value`` relative to ``root``, which it must not
+    escape: a shared dataset file cannot make training read arbitrary files."""
+    resolved = os.path.realpath(os.path.join(root, value))
+    if os.path.commonpath([root, resolved]) != root:
+        raise UserError(
+            f"{where}: path {value!r} escapes the dataset root {root} (paths must stay inside it)"
+        )
+    if not os.path.isfile(resolved):
+        raise UserError(f"{where}: {what} {value!r} not found (looked for {resolved})")
+    return resolved

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from mmalign.data.images import load_image, to_tensor
-from mmalign.data.jsonl import _image_path
+from mmalign.data.records import path_inside
 from mmalign.data.video import load_video
 from mmalign.errors import UserError
 
@@ -62,7 +62,7 @@ def read_scored_jsonl(
                 raise UserError(f"{where}: key {reward_column} must be a finite number, got {reward!r}")
             if not isinstance(entry["caption"], str) or not isinstance(entry["path"], str):
                 raise UserError(f"{where}: keys caption and path must be strings")
-            media = _image_path(entry["path"], where=f"{where}: key path", root=root)
+            media = path_inside(entry["path"], where=f"{where}: key path", root=root, what="file")
             records.append(ScoredRecord(entry["caption"], media, float(reward), number, path))
     if not records:
         raise UserError(f"data.path: {path} holds no scored samples")

@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from mmalign.data.records import PairRecord, check_ties
+from mmalign.data.records import PairRecord, check_ties, path_inside
 from mmalign.errors import UserError
 
 COLUMNS = ("path_A", "path_B", "prompt")
@@ -144,8 +144,8 @@ def _pair(
     tie = abs(score) <= 1e-9 * sum(abs(weight) for weight in weights.values())
     if tie and ties == "drop":
         return None
-    video_a = _video_path(cells["path_A"], where=f"{where}: column path_A", root=root)
-    video_b = _video_path(cells["path_B"], where=f"{where}: column path_B", root=root)
+    video_a = path_inside(cells["path_A"], where=f"{where}: column path_A", root=root, what="video")
+    video_b = path_inside(cells["path_B"], where=f"{where}: column path_B", root=root, what="video")
     label = 0.5 if tie else 1.0
     if score < 0 and not tie:
         return PairRecord(
@@ -154,15 +154,3 @@ def _pair(
     return PairRecord(
         cells["prompt"], video_a, video_b, label, line, source, "path_A", "path_B", "line", "column"
     )
-
-
-def _video_path(value: str, *, where: str, root: str) -> str:
-    """The absolute, symlink-resolved path of an existing video inside ``root`` (as JSONL does for images)."""
-    resolved = os.path.realpath(os.path.join(root, value))
-    if os.path.commonpath([root, resolved]) != root:
-        raise UserError(
-            f"{where}: path {value!r} escapes the dataset root {root} (paths must stay inside it)"
-        )
-    if not os.path.isfile(resolved):
-        raise UserError(f"{where}: video {value!r} not found (looked for {resolved})")
-    return resolved

@@ -3,6 +3,9 @@
 - ``check_backend`` / ``build_accelerator``: the launch (one process, DDP, FSDP2, DeepSpeed ZeRO 1/2);
 - ``Policy``: the trained network (LoRA or full fine-tuning), its reference, optimizer, schedule and the
   launch backend's wrapping; ``policy.reference()`` is the model the losses compare against;
+- ``PairStream`` / ``stream_at``: the epoch-shuffled order of a source's items and each position's noise,
+  timestep and dropout, keyed by (seed, position) — which is why accumulation, resume and several processes
+  equal one process — rebuilt when an online pool is;
 - ``Run``: the run directory, the deterministic positions of the global data stream, backward + step with
   clipping, the metrics window (``metrics.jsonl``, TensorBoard, progress), validation with keep-best,
   atomic checkpoints and exact resume, and the export of ``final/``.

@@ -116,6 +116,29 @@ def _lr_factor(step: int, steps: int, constant_share: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class LossLog:
+    """The mean training loss of every ``every`` steps, printed as one JSON line and kept in ``history``."""
+
+    def __init__(self, steps: int, every: int):
+        self.steps, self.every = steps, every
+        self.history: list[dict] = []
+        self.window: list[float] = []
+        self.start = time.time()
+
+    def add(self, step: int, loss: float, lr: float) -> None:
+        self.window.append(loss)
+        if (step + 1) % self.every == 0 or step + 1 == self.steps:
+            entry = {
+                "step": step + 1,
+                "loss": float(np.mean(self.window)),
+                "lr": lr,
+                "elapsed_s": round(time.time() - self.start, 1),
+            }
+            self.history.append(entry)
+            self.window = []
+            print(json.dumps(entry), flush=True)
+
+
 @torch.no_grad()
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for ema_p, p in zip(ema.parameters(), model.parameters()):
@@ -158,7 +181,7 @@ def pretrain(
     params = [*unet.parameters(), *text_encoder.parameters()] if train_text_encoder else [*unet.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    history, window, start = [], [], time.time()
+    log = LossLog(steps, log_every)
     for step in range(steps):
         # 2. data: fresh renders, wrong-colour captions, caption dropout
         images, captions, _ = shapes.pretraining_captions(
@@ -186,18 +209,8 @@ def pretrain(
         _ema_update(ema_unet, unet, decay)
         _ema_update(ema_text, text_encoder, decay)
         # 5. log
-        window.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            entry = {
-                "step": step + 1,
-                "loss": float(np.mean(window)),
-                "lr": optimizer.param_groups[0]["lr"],
-                "elapsed_s": round(time.time() - start, 1),
-            }
-            history.append(entry)
-            window = []
-            print(json.dumps(entry), flush=True)
-    wall = time.time() - start
+        log.add(step, loss.item(), optimizer.param_groups[0]["lr"])
+    wall = time.time() - log.start
     # 6. save the EMA model in fp16
     shipped = Components(
         unet=ema_unet.to(torch.float16),
@@ -220,8 +233,8 @@ def pretrain(
         "unet_parameters": sum(p.numel() for p in unet.parameters()),
         "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
         "wall_time_s": round(wall, 1),
-        "final_loss": history[-1]["loss"],
-        "history": history,
+        "final_loss": log.history[-1]["loss"],
+        "history": log.history,
     }
 
 

@@ -36,7 +36,7 @@ from mmalign.adapters.flow import FlowAdapter, load_pipeline
 from mmalign.rewards.toy import ShapesReward
 from mmalign.rewards.toy_video import MovingShapesReward
 from mmalign.toy import moving, shapes
-from mmalign.toy.base_model import _ema_update, _lr_factor, build_tokenizer
+from mmalign.toy.base_model import LossLog, _ema_update, _lr_factor, build_tokenizer
 
 MAX_TOKENS = 10  # [BOS] + up to 7 words of a caption + [EOS], and one to spare
 TEXT_DIM = 32
@@ -156,7 +156,7 @@ def pretrain(
     transformer = pipe.transformer.train()
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
-    history, window, start = [], [], time.time()
+    log = LossLog(steps, log_every)
     for step in range(steps):
         # 2. data: fresh samples, the world's known share of wrong captions, caption dropout
         x0, captions = spec.batch(batch_size, rng, wrong_share)  # (B, 3, F, 16, 16) in [-1, 1]
@@ -175,18 +175,8 @@ def pretrain(
         optimizer.step()
         _ema_update(ema, transformer, min(ema_decay, (1 + step) / (10 + step)))
         # 5. log
-        window.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            entry = {
-                "step": step + 1,
-                "loss": float(np.mean(window)),
-                "lr": optimizer.param_groups[0]["lr"],
-                "elapsed_s": round(time.time() - start, 1),
-            }
-            history.append(entry)
-            window = []
-            print(json.dumps(entry), flush=True)
-    wall = time.time() - start
+        log.add(step, loss.item(), optimizer.param_groups[0]["lr"])
+    wall = time.time() - log.start
     # 6. save the EMA model
     pipe.transformer = ema
     pipe.register_modules(transformer=ema)
@@ -204,8 +194,8 @@ def pretrain(
         "threads": threads,
         "transformer_parameters": sum(p.numel() for p in ema.parameters()),
         "wall_time_s": round(wall, 1),
-        "final_loss": history[-1]["loss"],
-        "history": history,
+        "final_loss": log.history[-1]["loss"],
+        "history": log.history,
     }
 
 
