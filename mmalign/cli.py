@@ -105,6 +105,8 @@ def _train(cfg) -> int:
 
     start = time.perf_counter()
     runtime.check_backend()
+    if not sys.stderr.isatty():
+        runtime.quiet_library_bars()
     if cfg.toy.enabled:
         from accelerate import PartialState
         from accelerate.utils import parse_flag_from_env

@@ -381,6 +381,7 @@ def _check_paths(config: RunConfig, origin: dict) -> list[str]:
             continue
         if not exists(value):
             errors.append(f"`{key}` must be {what}, got {value!r} ({origin.get(key, 'default')}): not found")
+    errors.extend(_check_output_dir(config.output_dir, origin.get("output_dir", "default")))
     if config.checkpoint.resume not in (None, "latest") and not os.path.isdir(config.checkpoint.resume):
         where = origin.get("checkpoint.resume", "config")
         errors.append(
@@ -388,6 +389,20 @@ def _check_paths(config: RunConfig, origin: dict) -> list[str]:
             f"({where}): not found"
         )
     return errors
+
+
+def _check_output_dir(path: str, where: str) -> list[str]:
+    """The run directory must be a folder, or creatable in a writable parent."""
+    existing = path
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing.rstrip(os.sep)) or "."
+    if os.path.exists(path) and not os.path.isdir(path):
+        return [f"`output_dir` must be a folder, got {path!r} ({where}): it is a file"]
+    if not os.path.isdir(existing):
+        return [f"`output_dir` {path!r} ({where}) cannot be created: {existing!r} is a file"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"`output_dir` {path!r} ({where}) cannot be written: {existing!r} is not writable"]
+    return []
 
 
 def _first_line(err: Exception) -> str:

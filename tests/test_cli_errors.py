@@ -313,3 +313,12 @@ def test_an_unknown_recipe(capsys, config_file):
 def test_a_weighted_beta_needs_no_flow_model_but_a_logit_normal_density_does(capsys, config_file):
     line = one_error(capsys, *train(config_file, "timesteps.density=logit_normal"))
     assert "`timesteps.density`" in line and "uniform" in line
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_any_work(capsys, tmp_path, config_file):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    line = one_error(capsys, *train(config_file, f"output_dir={blocker}"))
+    assert "`output_dir` must be a folder" in line and str(blocker) in line
+    line = one_error(capsys, *train(config_file, f"output_dir={blocker}/run"))
+    assert "cannot be created" in line and str(blocker) in line

@@ -489,3 +489,14 @@ def test_validation_tracks_reward_keeps_the_best_and_can_reuse_the_base_reward(p
     again = [row for row in metrics(reused.output_dir) if "val_reward" in row]
     assert again[0] == {"step": 0, "val_reward": 0.125}
     assert [row["val_reward"] for row in again[1:]] == [row["val_reward"] for row in rows[1:]]
+
+
+def test_progress_in_a_log_file_is_one_line_per_metrics_row(pixel_pipeline, pairs_parquet, tmp_path, capsys):
+    """Not a terminal (a log file, CI): no progress-bar redraws, one line every log.every steps."""
+    cfg = tiny_config(pixel_pipeline, pairs_parquet, tmp_path / "run", "log.progress=true", "log.every=2")
+    preference.train(cfg)
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err, "progress-bar redraws in a log"
+    lines = [line for line in captured.out.splitlines() if line.startswith("dpo step")]
+    assert [line.split(":")[0] for line in lines] == ["dpo step 2/4", "dpo step 4/4"]
+    assert all("loss " in line and "samples/s" in line for line in lines)

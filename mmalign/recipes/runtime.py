@@ -21,6 +21,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -94,6 +95,8 @@ def _check_zero(stage, offload: dict[str, str | None], prefix: str) -> None:
 def build_accelerator(cfg: RunConfig, accelerator: Accelerator | None = None) -> Accelerator:
     """The launch's accelerator, or the caller's one (whose accumulation must be the config's)."""
     check_backend()
+    if not sys.stderr.isatty():
+        quiet_library_bars()
     if accelerator is None:
         return Accelerator(
             gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
@@ -129,6 +132,16 @@ def configure_deepspeed(accelerator: Accelerator, cfg: RunConfig) -> None:
             "gradient_clipping": max(cfg.optim.max_grad_norm, 0.0),
         }
     )
+
+
+def quiet_library_bars() -> None:
+    """No weight-loading progress bars from transformers and diffusers: in a log file each is a wall of
+    carriage-return redraws."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def global_batch(cfg: RunConfig, accelerator: Accelerator) -> int:
@@ -360,11 +373,15 @@ class Run:
             resumed = f", resuming at step {self.start_step}" if self.start_step else ""
             print(f"{describe}, {self._launch()}, {cfg.optim.max_steps} steps{resumed}", flush=True)
         self.writer = _tensorboard(self.out_dir) if (self.is_main and cfg.log.tensorboard) else None
+        # a bar on a terminal; in a log file (not a terminal) one line per metrics row instead of every redraw
+        self.show = self.is_main and cfg.log.progress
+        self.lines = self.show and not sys.stderr.isatty()
+        self.label = metrics_label
         self.bar = tqdm(
             total=cfg.optim.max_steps,
             initial=self.start_step,
             desc=f"{metrics_label} ({self.out_dir})",
-            disable=not (self.is_main and cfg.log.progress),
+            disable=not self.show or self.lines,
             dynamic_ncols=True,
         )
         self.window: dict[str, list[torch.Tensor]] = {}
@@ -378,8 +395,8 @@ class Run:
 
     def note(self, text: str) -> None:
         """One line for the user (rank 0, with the progress bar kept intact)."""
-        if self.is_main and self.cfg.log.progress:
-            self.bar.write(text)
+        if self.show:
+            self.bar.write(text, file=sys.stderr if not self.lines else sys.stdout)
 
     # --- the loop's skeleton
     def steps(self) -> range:
@@ -484,6 +501,13 @@ class Run:
             if "implicit_acc" in row:  # a pairwise loss; the sft control has none
                 shown["acc"] = f"{row['implicit_acc']:.2f}"
             self.bar.set_postfix(shown)
+            if self.lines:
+                values = ", ".join(f"{key} {value}" for key, value in shown.items())
+                print(
+                    f"{self.label} step {done}/{self.cfg.optim.max_steps}: {values}, "
+                    f"{row['pairs_per_s']:.1f} samples/s",
+                    flush=True,
+                )
 
     def _validate(self) -> float:
         with self.policy.sampling() as network:
