@@ -99,6 +99,15 @@ def write_video_grid(
         write_mp4(path, frames, fps)
 
 
+def video_extra_installed() -> bool:
+    """Whether imageio (the ``video`` extra, needed for MP4 and for decoding) can be imported."""
+    try:
+        _imageio()
+    except UserError:
+        return False
+    return True
+
+
 def _imageio() -> ModuleType:
     """``imageio.v3``, or a UserError with the install command: the video extra is optional."""
     try:

@@ -237,15 +237,16 @@ def evaluate_runs(
 
 
 def write_video_grids(samples_dir: str, columns: dict[str, Scored], *, rows: int) -> str:
-    """Before/after clips side by side, one row per prompt (its first seed): an animated GIF and an MP4;
-    returns the GIF's path."""
-    from mmalign.data.video import write_video_grid
+    """Before/after clips side by side, one row per prompt (its first seed): an animated GIF (Pillow) and, with
+    the video extra installed, an MP4; returns the GIF's path."""
+    from mmalign.data.video import video_extra_installed, write_video_grid
 
     first = next(iter(columns.values()))
     picks = _first_sample_per_prompt(first.prompts, rows)
     videos = {name: scored.images[picks] for name, scored in columns.items()}
     labels = [first.prompts[i] for i in picks]
-    for extension in ("mp4", "gif"):
+    extensions = ("mp4", "gif") if video_extra_installed() else ("gif",)
+    for extension in extensions:
         path = os.path.join(samples_dir, f"before_after.{extension}")
         write_video_grid(path, videos, labels)
     return path
