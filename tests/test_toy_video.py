@@ -26,11 +26,8 @@ def _renders(scenes: list[moving.Scene], offset: int = 0) -> torch.Tensor:
 
 
 def _centroids(clip: np.ndarray) -> np.ndarray:
-    """Coverage-weighted centre (x, y) of each frame's shape of a uint8 (F, H, W, 3) clip, (F, 2) in pixel
-    coordinates; the grey ruler under the shape is taken out (a pixel there is cover·shape + (1 − cover)·grey)."""
-    value = clip.max(axis=-1).astype(np.float64) / 255  # (F, H, W)
-    grey = moving.ruler()[: clip.shape[0]]  # (F, H, W)
-    weight = np.clip((value - grey) / (1 - grey), 0, 1)  # the shape's coverage
+    """Coverage-weighted centre (x, y) of each frame of a uint8 (F, H, W, 3) clip, (F, 2) in pixel coordinates."""
+    weight = clip.max(axis=-1).astype(np.float64)  # (F, H, W)
     centres = np.arange(clip.shape[1]) + 0.5
     total = weight.sum(axis=(1, 2))  # (F,)
     cx = (weight.sum(axis=1) * centres).sum(axis=1) / total
@@ -102,16 +99,7 @@ def test_render_is_seeded_and_jittered():
     assert first.shape == (moving.FRAMES, 16, 16, 3) == (4, 16, 16, 3) and first.dtype == np.uint8
     assert np.array_equal(first, moving.render(scene, np.random.default_rng(3)))
     assert not np.array_equal(first, moving.render(scene, np.random.default_rng(4)))
-    shape = first.max(axis=-1) > 0.4 * 255
-    assert first[..., 0][shape].max() < 0.4 * 255 and first[..., 1:].max() == 255  # cyan over the grey ruler
-    assert first.max(axis=-1)[~shape].max() == round(moving.RULER * 255)
-
-
-def test_the_ruler_marks_the_left_column_and_a_bar_growing_each_frame():
-    marks = moving.ruler()
-    assert marks.shape == (4, 16, 16) and marks.max() == moving.RULER < 0.4  # below the reward's foreground
-    assert (marks[:, :, 0] == moving.RULER).all()
-    assert [int((marks[f, 15] > 0).sum()) for f in range(4)] == [4, 8, 12, 16]
+    assert first[..., 0].max() == 0 and first[..., 1:].max() == 255  # cyan on black
 
 
 @pytest.mark.parametrize("scene", moving.all_scenes()[:12])  # every shape × direction, in red

@@ -35,12 +35,6 @@ DIRECTIONS: dict[str, tuple[float, float]] = {
     "down": (0.0, 1.0),
 }
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
-# A dim grey ruler drawn under every clip: the left column, and along the bottom row a bar 4 px longer each frame.
-# It stays below the reward's foreground threshold (0.4), so the reward never sees it; it is there for the
-# model: a video transformer whose only positional signal is relative (Wan's rotary embedding) cannot tell
-# from noise where on the canvas or in which frame a token is, which is what a direction word is about.
-RULER = 0.25
-RULER_STEP = 4  # bar length per frame, px
 
 
 @dataclass(frozen=True)
@@ -129,24 +123,12 @@ def path(direction: str, jitter: tuple[float, float] = (0.0, 0.0)) -> np.ndarray
     return np.asarray(CENTRE) + np.asarray(jitter) + offsets[:, None] * unit[None, :]  # (F, 2)
 
 
-def ruler() -> np.ndarray:
-    """The static grey ruler of every clip, (F, 16, 16) in [0, 1]: the left column, and a bottom bar that grows
-    by ``RULER_STEP`` px a frame."""
-    marks = np.zeros((FRAMES, SIZE, SIZE))
-    marks[:, :, 0] = RULER
-    for f in range(FRAMES):
-        marks[f, SIZE - 1, : RULER_STEP * (f + 1)] = RULER
-    return marks
-
-
 def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """One antialiased clip of the scene over the ruler, uint8 (F, 16, 16, 3), its whole path jittered by up to
-    ±1.5 px."""
+    """One antialiased clip of the scene, uint8 (F, 16, 16, 3), its whole path jittered by up to ±1.5 px."""
     jitter = rng.uniform(-JITTER, JITTER, size=2)
     colour = np.asarray(COLOURS[scene.colour])  # (3,)
     frames = [_coverage(scene.shape, cx, cy, HALF) for cx, cy in path(scene.direction, jitter)]
-    cover = np.stack(frames)[..., None]  # (F, 16, 16, 1)
-    clip = cover * colour + (1 - cover) * ruler()[..., None]  # (F, 16, 16, 3): the shape over the ruler
+    clip = np.stack(frames)[..., None] * colour  # (F, 16, 16, 3)
     return np.round(clip * 255).astype(np.uint8)
 
 
