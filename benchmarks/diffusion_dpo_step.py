@@ -56,14 +56,14 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
 from mmalign.adapters import diffusion
 from mmalign.config import TrainConfig
 from mmalign.recipes import preference, runtime
+from mmalign.toy.text import clip_text_encoder, word_tokenizer
 
 TIME_TARGET = 1.15
 MEMORY_TARGET = 1.25
@@ -109,36 +109,12 @@ def build_unet(model: str) -> UNet2DConditionModel:
 
 def build_text_encoder(model: str) -> tuple[CLIPTextModel, PreTrainedTokenizerFast]:
     """A word-level tokenizer and a CLIP text model: 2 small layers (tiny) or SD 1.5's ViT-L/14 text tower shape."""
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    length = 16 if model == "tiny" else 77
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", model_max_length=length
-    )
+    tokenizer = word_tokenizer(WORDS, max_length=16 if model == "tiny" else 77)
     if model == "tiny":
-        sizes = {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-        }
+        encoder = clip_text_encoder(tokenizer, hidden=64, layers=2, heads=4)
     else:
-        sizes = {
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-        }
-    config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        max_position_embeddings=length,
-        pad_token_id=0,
-        bos_token_id=0,
-        eos_token_id=0,
-        **sizes,
-    )
-    return CLIPTextModel(config).requires_grad_(False).eval(), tokenizer
+        encoder = clip_text_encoder(tokenizer, hidden=768, intermediate=3072, layers=12, heads=12)
+    return encoder.requires_grad_(False).eval(), tokenizer
 
 
 def param_bytes(module: torch.nn.Module) -> int:

@@ -64,12 +64,12 @@ from diffusion_dpo_step import (
     table,
     verdict,
 )
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+from transformers import UMT5Config, UMT5EncoderModel
 
 from mmalign.adapters.flow import FlowAdapter, load_pipeline
 from mmalign.config import TrainConfig
 from mmalign.recipes import preference, runtime
+from mmalign.toy.text import word_tokenizer
 
 TIME_TARGET = 1.15
 MEMORY_TARGET = 1.25
@@ -118,25 +118,12 @@ DEFAULT_BATCH = {"tiny": 4, "wan1.3b": 1}
 # ------------------------------------------------------------------------------------------------- models
 
 
-def word_tokenizer(max_length: int) -> PreTrainedTokenizerFast:
-    vocab = {"[PAD]": 0, "[UNK]": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        eos_token="</s>",
-        model_max_length=max_length,
-    )
-
-
 def build_pipeline(transformer_config: dict, text_tokens: int) -> WanPipeline:
     """A WanPipeline of random-init components: the given transformer, a 1-layer UMT5 text encoder whose width
     is the transformer's ``text_dim`` (Wan's real one is UMT5-XXL, which only sets the condition's shape here),
     a tiny Wan VAE with Wan's compression (4× frames, 8× pixels), and a flow-matching Euler scheduler."""
     torch.manual_seed(0)
-    tokenizer = word_tokenizer(text_tokens)
+    tokenizer = word_tokenizer(WORDS, max_length=text_tokens, eos="</s>")
     text_encoder = UMT5EncoderModel(
         UMT5Config(
             vocab_size=len(tokenizer),

@@ -10,11 +10,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
 from mmalign.adapters import diffusion
 from mmalign.data.pickapic import write_pickapic_parquet
+from mmalign.toy import text
 
 # A training run that stays offline and quiet: no toy assets, no validation or evaluation, no progress bar.
 QUIET_RUN = [
@@ -38,27 +38,12 @@ WORDS = ["a", "red", "green", "blue", "circle", "square", "cat", "dog", "on", "t
 
 
 def word_tokenizer(max_length: int = 8) -> PreTrainedTokenizerFast:
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", model_max_length=max_length
-    )
+    return text.word_tokenizer(WORDS, max_length=max_length)
 
 
-def text_encoder(vocab_size: int, max_length: int = 8) -> CLIPTextModel:
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=max_length,
-        pad_token_id=0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return CLIPTextModel(config)
+def text_encoder(tokenizer: PreTrainedTokenizerFast, **sizes) -> CLIPTextModel:
+    """A 1-layer CLIP text tower of width 32 (``sizes`` overrides: hidden, layers, heads, projection_dim)."""
+    return text.clip_text_encoder(tokenizer, **{"hidden": 32, "layers": 1, "heads": 2, **sizes})
 
 
 def tiny_unet(in_channels: int, sample_size: int, **config) -> UNet2DConditionModel:
@@ -112,7 +97,7 @@ def build_pipeline(path, *, vae: bool, prediction_type: str = "epsilon") -> str:
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type
     )
-    components = diffusion.Components(unet, scheduler, text_encoder(len(WORDS) + 2), tokenizer, autoencoder)
+    components = diffusion.Components(unet, scheduler, text_encoder(tokenizer), tokenizer, autoencoder)
     diffusion.save_components(components, str(path))
     return str(path)
 

@@ -154,6 +154,60 @@ def test_missing_model_path(capsys, tmp_path, config_file):
     assert not os.path.exists(tmp_path / "run"), "a config error must stop before anything is written"
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
+
+
+def test_a_typo_in_the_quickstart_model_path_starts_no_toy_pretraining(capsys, tmp_path, monkeypatch):
+    """The toy world builds only its own base (assets/toy-t2i): any other missing model folder is an error,
+    and nothing is written there or in the run directory."""
+    monkeypatch.chdir(REPO)
+    typo = tmp_path / "nonexistent" / "model"
+    line = one_error(
+        capsys,
+        "train",
+        QUICKSTART,
+        f"model.path={typo}",
+        f"output_dir={tmp_path / 'run'}",
+        "log.progress=false",
+    )
+    assert "`model.path`" in line and str(typo) in line and "not found" in line and "assets/toy-t2i" in line
+    assert not os.path.exists(tmp_path / "nonexistent") and not os.path.exists(tmp_path / "run")
+
+
+def test_a_typo_in_the_quickstart_data_path_builds_no_toy_pairs(capsys, tmp_path, monkeypatch):
+    """Toy pairs are built only inside output_dir: a missing data file elsewhere is an error."""
+    monkeypatch.chdir(REPO)
+    typo = tmp_path / "elsewhere" / "pairs.parquet"
+    line = one_error(
+        capsys,
+        "train",
+        QUICKSTART,
+        f"data.path={typo}",
+        f"output_dir={tmp_path / 'run'}",
+        "log.progress=false",
+    )
+    assert "`data.path`" in line and str(typo) in line and "inside output_dir" in line
+    assert not os.path.exists(tmp_path / "elsewhere") and not os.path.exists(tmp_path / "run")
+
+
+def test_without_the_toy_world_nothing_is_built(capsys, tmp_path, monkeypatch):
+    """The toy's own paths are built only when the config asks for the toy world (toy.enabled defaults off)."""
+    monkeypatch.chdir(REPO)
+    pairs = tmp_path / "run" / "data" / "pairs.parquet"
+    line = one_error(
+        capsys,
+        "train",
+        QUICKSTART,
+        "toy.enabled=false",
+        f"data.path={pairs}",
+        f"output_dir={tmp_path / 'run'}",
+        "log.progress=false",
+    )
+    assert "`data.path`" in line and str(pairs) in line and "toy world" not in line
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_model_folder_without_unet(capsys, tmp_path, config_file):
     broken = build_pipeline(tmp_path / "pipe", vae=False)
     os.rename(os.path.join(broken, "unet"), os.path.join(broken, "unet.old"))

@@ -5,6 +5,10 @@ import pytest
 from mmalign.config import TrainConfig, describe, load_config, to_yaml
 from mmalign.errors import UserError
 
+# The default paths are the toy world's own (its base, its pairs inside the default run directory), which it
+# builds where they are missing: with it on, the defaults load without those inputs on disk.
+TOY = "toy.enabled=true"
+
 
 def write(tmp_path, text: str) -> str:
     path = tmp_path / "c.yaml"
@@ -13,7 +17,7 @@ def write(tmp_path, text: str) -> str:
 
 
 def test_defaults_are_the_quickstart_recipe():
-    cfg = load_config(None)
+    cfg = load_config(None, [TOY])
     assert isinstance(cfg, TrainConfig)
     assert cfg.loss.name == "dpo" and cfg.loss.beta == 5000.0  # Diffusion-DPO's official SD 1.5 β
     assert cfg.lora.enabled and cfg.lora.rank == 8
@@ -21,7 +25,7 @@ def test_defaults_are_the_quickstart_recipe():
 
 def test_yaml_values_and_overrides_merge(tmp_path):
     path = write(tmp_path, "loss:\n  beta: 2500\noptim:\n  lr: 1.0e-4\n")
-    cfg = load_config(path, ["optim.lr=3e-4", "lora.target_modules=[to_q,to_v]"])
+    cfg = load_config(path, [TOY, "optim.lr=3e-4", "lora.target_modules=[to_q,to_v]"])
     assert cfg.loss.beta == 2500.0 and isinstance(cfg.loss.beta, float)
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.lora.target_modules == ["to_q", "to_v"]
@@ -30,7 +34,7 @@ def test_yaml_values_and_overrides_merge(tmp_path):
 def test_all_errors_reported_together_with_origin(tmp_path):
     path = write(tmp_path, "loss:\n  beta: -1\n  bogus: 2\noptim:\n  lr: abc\n")
     with pytest.raises(UserError) as info:
-        load_config(path, ["model.prediction_type=x0", "lora.rank=0"])
+        load_config(path, [TOY, "model.prediction_type=x0", "lora.rank=0"])
     lines = str(info.value).splitlines()
     assert len(lines) == 5
     assert any("`loss.beta` must be > 0, got -1" in line and path in line for line in lines)
@@ -56,11 +60,17 @@ def test_missing_paths_reported_when_the_toy_world_does_not_build_them(tmp_path)
         )
     text = str(info.value)
     assert "`model.path` must be a pipeline folder" in text and "`data.path`" in text
-    load_config(None, [f"model.path={tmp_path}/none"])  # toy.enabled builds them: no error
+    # the toy world builds its own base and pairs inside output_dir, only when asked for
+    out = tmp_path / "run"
+    load_config(None, ["toy.enabled=true", f"output_dir={out}", f"data.path={out}/data/pairs.parquet"])
+    with pytest.raises(UserError, match="`model.path`.*the toy world builds only its own"):
+        load_config(None, ["toy.enabled=true", f"model.path={tmp_path}/none", f"output_dir={out}"])
+    with pytest.raises(UserError, match="`data.path`.*inside output_dir"):
+        load_config(None, ["toy.enabled=true", f"data.path={tmp_path}/x.parquet", f"output_dir={out}"])
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(None, ["loss.beta=123", "data.ties=keep"])
+    cfg = load_config(None, [TOY, "loss.beta=123", "data.ties=keep"])
     path = write(tmp_path, to_yaml(cfg))
     assert load_config(path) == cfg
 

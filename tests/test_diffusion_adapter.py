@@ -17,7 +17,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TOY_BASE, WORDS, run_overrides, text_encoder, tiny_unet, tiny_vae, word_tokenizer
+from conftest import TOY_BASE, run_overrides, text_encoder, tiny_unet, tiny_vae, word_tokenizer
 from diffusers import (
     DDPMScheduler,
     DiffusionPipeline,
@@ -25,7 +25,6 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from mmalign import checkpoint
 from mmalign.adapters import diffusion
@@ -413,24 +412,11 @@ def tiny_sdxl(path) -> diffusion.Components:
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=16 + 6 * 8,
     )
-    encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=len(WORDS) + 2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=8,
-            pad_token_id=0,
-            bos_token_id=0,
-            eos_token_id=0,
-            projection_dim=16,
-        )
-    )
+    encoder_2 = text_encoder(word_tokenizer(), layers=2, projection_dim=16)
     vae = tiny_vae()
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear")
     components = diffusion.Components(
-        unet, scheduler, text_encoder(len(WORDS) + 2), word_tokenizer(), vae, encoder_2, word_tokenizer()
+        unet, scheduler, text_encoder(word_tokenizer()), word_tokenizer(), vae, encoder_2, word_tokenizer()
     )
     diffusion.save_components(components, str(path))
     return diffusion.load_components(str(path))

@@ -60,6 +60,24 @@ def test_table_and_checks_render():
     aligned = scored([0.6, 0.55, 0.7, 0.65], prompts, [False] * 4)
     s = evaluate.summarize(base, {"aligned": aligned})
     table = evaluate.format_table(s, ["aligned"])
-    assert "base" in table and "aligned" in table and "0.625" in table
-    checks = evaluate.format_checks(s)
-    assert "[ok] mistake rate aligned / base = 0.00" in checks
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
+    # base: 0.5 everywhere, half mistakes; aligned: per-prompt means 0.575 and 0.675 → 0.625, clustered
+    # SE = std([0.575, 0.675]) / √2 = 0.05 (95% CI ± 0.098); gains 0.075 and 0.175 → 0.125 / 0.05 = +2.5 SE
+    assert rows["base"] == ["base", "0.500", "±", "0.000", "—", "0.500"]
+    assert rows["aligned"] == ["aligned", "0.625", "±", "0.098", "+2.5", "1.000", "±", "0.000", "0.000"]
+    checks = evaluate.format_checks(s).splitlines()
+    assert checks[0].split() == [
+        "[ok]",
+        "mistake",
+        "rate",
+        "aligned",
+        "/",
+        "base",
+        "=",
+        "0.00",
+        "target",
+        "≤",
+        "0.60",
+    ]
+    assert checks[1].startswith("  [ok] win rate vs base = 1.000")
+    assert checks[2].startswith("  [MISS] reward gain = +0.1250 (+2.5 clustered SE)")  # below +3 SE

@@ -169,7 +169,6 @@ def test_untrained_base_saves_in_fp16_and_reloads(tmp_path):
         torch.testing.assert_close(loaded.unet.state_dict()[name], weight.float())
 
 
-@pytest.mark.skipif(not os.path.isdir(ASSET), reason="assets/toy-t2i not built")
 def test_shipped_base_loads_and_draws_the_captions():
     """The shipped base draws what the held-out captions ask for, far above an untrained UNet of its shape."""
     components = load_components(ASSET, dtype=torch.float32)

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import torch
-from conftest import WORDS, tiny_vae, word_tokenizer
+from conftest import WORDS, text_encoder, tiny_vae, word_tokenizer
 from diffusers import (
     AutoencoderKLLTXVideo,
     AutoencoderKLWan,
@@ -22,9 +22,7 @@ from diffusers import (
     WanTransformer3DModel,
 )
 from transformers import (
-    CLIPTextConfig,
     CLIPTextModel,
-    CLIPTextModelWithProjection,
     T5Config,
     T5EncoderModel,
     UMT5Config,
@@ -50,19 +48,7 @@ LORA_TARGETS = {
 
 
 def _clip(projection: bool) -> CLIPTextModel:
-    config = CLIPTextConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=8,
-        projection_dim=16,
-        pad_token_id=0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+    return text_encoder(word_tokenizer(), hidden=16, projection_dim=16 if projection else None)
 
 
 def _t5(model_class=T5EncoderModel, config_class=T5Config):

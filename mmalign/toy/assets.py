@@ -10,8 +10,9 @@ import os
 import time
 
 from mmalign.adapters import diffusion
-from mmalign.config import TrainConfig
+from mmalign.config import TrainConfig, toy_builds
 from mmalign.data.pickapic import write_pickapic_parquet
+from mmalign.errors import UserError
 from mmalign.pairs import sample_best_worst_pairs
 from mmalign.rewards import build_reward
 from mmalign.toy import shapes
@@ -24,6 +25,10 @@ def ensure_base(cfg, log=print) -> None:
     path = cfg.model.path
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return
+    if not toy_builds(cfg, "model.path"):
+        raise UserError(
+            f"`model.path` {path!r} holds no pipeline, and it is not the toy world's own base to build"
+        )
     log(f"toy base model missing at {path}: pretraining it (about 10 minutes on a CPU)")
     if cfg.model.kind == "flow":
         from mmalign.toy import flow_base
@@ -38,8 +43,11 @@ def ensure_base(cfg, log=print) -> None:
 def ensure_pairs(cfg: TrainConfig, log=print) -> None:
     if os.path.exists(cfg.data.path):
         return
-    if cfg.data.format != "pickapic":
-        raise ValueError("the toy world writes Pick-a-Pic parquet; set data.format=pickapic")
+    if not toy_builds(cfg, "data.path"):
+        raise UserError(
+            f"`data.path` {cfg.data.path!r} not found, and the toy world builds only Pick-a-Pic pairs inside "
+            f"output_dir {cfg.output_dir!r}"
+        )
     start = time.perf_counter()
     components = diffusion.load_components(cfg.model.path)
     rows = sample_best_worst_pairs(

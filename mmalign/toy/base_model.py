@@ -20,14 +20,13 @@ import time
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from mmalign.adapters.diffusion import Components, denoising_errors, load_components, sample, save_components
 from mmalign.rewards.toy import ShapesReward
 from mmalign.toy import shapes
+from mmalign.toy.text import clip_text_encoder, word_tokenizer
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 MAX_TOKENS = 10  # [BOS] + 7 words of the longest caption + [EOS], and one to spare
 TEXT_DIM = 64
 GUIDANCE_SCALES = (1.0, 1.5, 2.0)
@@ -38,40 +37,14 @@ def build_tokenizer(words: list[str] | None = None, max_length: int = MAX_TOKENS
     """Word-level tokenizer over ``words`` (default: the shapes grammar's vocabulary); wraps every caption in
     [BOS] … [EOS]."""
     words = shapes.vocabulary() if words is None else words
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + words)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        bos_token="[BOS]",
-        eos_token="[EOS]",
-        model_max_length=max_length,
-    )
+    return word_tokenizer(words, max_length=max_length, wrap=True, lowercase=True)
 
 
 def build_untrained(seed: int = 0) -> Components:
     """Fresh, randomly initialised toy pipeline (pixel space: no VAE)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=TEXT_DIM,
-            intermediate_size=2 * TEXT_DIM,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_TOKENS,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    )
+    text_encoder = clip_text_encoder(tokenizer, hidden=TEXT_DIM, layers=2, heads=4)
     unet = UNet2DConditionModel(
         sample_size=shapes.SIZE,
         in_channels=3,
