@@ -206,6 +206,31 @@ def test_online_flow_dpo_refreshes_its_pool_from_the_policy_and_resumes_exactly(
     assert checkpoint.latest(str(out / "checkpoints")).endswith("step-4")
 
 
+def test_a_later_run_reuses_the_reference_pool_it_would_have_sampled(toy_video_pipeline, tmp_path, float64):
+    """The control after the aligned run takes the same reference pool instead of sampling it again; a pool
+    sampled anew is identical to the reused one, and another sampler setting is not served from memory."""
+    from mmalign.pairs import online
+
+    def pool_of(out) -> dict:
+        return load_file(str(out / "checkpoints" / "step-1" / "extra.safetensors"))
+
+    common = ["optim.max_steps=1", "checkpoint.every=1"]
+    online._last_reference_pool.clear()
+    preference.train(toy_online_config(toy_video_pipeline, tmp_path / "first", *common))
+    sampled = online._last_reference_pool["samples"][0]
+    preference.train(toy_online_config(toy_video_pipeline, tmp_path / "second", *common))
+    assert online._last_reference_pool["samples"][0] is sampled, "the second run sampled its pool again"
+    online._last_reference_pool.clear()
+    preference.train(toy_online_config(toy_video_pipeline, tmp_path / "fresh", *common))
+    assert online._last_reference_pool["samples"][0] is not sampled
+    first, second, fresh = (pool_of(tmp_path / name) for name in ("first", "second", "fresh"))
+    assert first.keys() == fresh.keys() and all(torch.equal(first[k], fresh[k]) for k in first)
+    assert all(torch.equal(second[k], fresh[k]) for k in first)
+    fresh_samples = online._last_reference_pool["samples"][0]
+    preference.train(toy_online_config(toy_video_pipeline, tmp_path / "other", *common, "sampling.steps=3"))
+    assert online._last_reference_pool["samples"][0] is not fresh_samples
+
+
 # -------------------------------------------------------------------------------------------------- RWR
 
 

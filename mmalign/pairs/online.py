@@ -8,10 +8,15 @@ makes a resumed run train on exactly the pairs the uninterrupted one did.
 
 Under several processes each rank samples an equal, contiguous share of the (prompt, seed) list and the
 shares are gathered in order, so every rank holds the pool a single process would have built.
+
+A pool sampled from the reference is a function of the base weights, prompts, seeds, sampler and reward
+alone, so the last one is kept in memory and reused by the next run of the process that asks for the same
+(the no-label control after the aligned run) instead of being sampled again.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -63,9 +68,16 @@ class OnlinePool:
         generation = step // every if every else 0
         start = time.perf_counter()
         if generation == 0 or self.cfg.online.refresh_from == "reference":
-            with policy.reference() as network:
-                latents, rewards, prompts = self._sample(network, generation, relayout=not policy.owned)
+            key = self._reference_key(generation)
+            reused = _last_reference_pool.get("key") == key
+            if reused:
+                latents, rewards, prompts = _last_reference_pool["samples"]
+            else:
+                with policy.reference() as network:
+                    latents, rewards, prompts = self._sample(network, generation, relayout=not policy.owned)
+                _last_reference_pool.update(key=key, samples=(latents, rewards, prompts))
         else:
+            reused = False
             with policy.sampling() as network:
                 latents, rewards, prompts = self._sample(network, generation, relayout=not policy.owned)
         self._select(latents, rewards, prompts, generation)
@@ -73,8 +85,9 @@ class OnlinePool:
             source = (
                 "reference" if generation == 0 or self.cfg.online.refresh_from == "reference" else "policy"
             )
+            how = "the previous run's samples of the same" if reused else "sampled from the"
             log(
-                f"online pool {generation} at step {step}: {self.summary()} sampled from the {source} "
+                f"online pool {generation} at step {step}: {self.summary()}, {how} {source} "
                 f"in {time.perf_counter() - start:.0f} s"
             )
 
@@ -105,6 +118,37 @@ class OnlinePool:
         latents = accelerator.gather(latents.to(accelerator.device))[: len(prompts)].cpu()
         rewards = accelerator.gather(rewards)[: len(prompts)].cpu()
         return latents, rewards, prompts
+
+    def _reference_key(self, generation: int) -> tuple:
+        """What a reference pool is a function of: the base's files (path, size, modification time), the
+        prompts and seeds, the sampler, the reward, the media size and the launch."""
+        path = os.path.abspath(self.cfg.model.path)
+        files = tuple(
+            (
+                os.path.join(root, name),
+                os.stat(os.path.join(root, name)).st_size,
+                os.stat(os.path.join(root, name)).st_mtime_ns,
+            )
+            for root, _, names in sorted(os.walk(path))
+            for name in sorted(names)
+        )
+        online, sampling = self.cfg.online, self.cfg.sampling
+        return (
+            files,
+            tuple(self.prompts),
+            online.groups_per_prompt,
+            self.per_group,
+            online.first_seed,
+            generation,
+            sampling.steps,
+            online.guidance_scale or sampling.guidance_scale,
+            sampling.batch_size,
+            online.reward or self.cfg.eval.reward,
+            self.adapter.media_shape(),
+            str(self.adapter.network.dtype),
+            self.accelerator.num_processes,
+            self.accelerator.process_index,
+        )
 
     def _select(
         self, latents: torch.Tensor, rewards: torch.Tensor, prompts: list[str], generation: int
@@ -139,6 +183,10 @@ class OnlinePool:
         self.chosen, self.rejected = tensors["chosen"], tensors["rejected"]
         self.captions, self.generation = list(meta["captions"]), meta["generation"]
         self.reward_gap = meta["reward_gap"]
+
+
+# The last reference pool sampled in this process: {"key": OnlinePool._reference_key(...), "samples": (...)}.
+_last_reference_pool: dict = {}
 
 
 class OnlineSamples(OnlinePool):
