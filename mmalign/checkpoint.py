@@ -6,9 +6,11 @@ A checkpoint folder ``step-N/`` holds
 - ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's per-parameter tensors and its param groups;
 - ``state.json``: the step, the lr schedule's state and the recipe's own counters.
 
-It is first written to ``step-N.tmp`` and renamed into place, so a crash never leaves a half checkpoint that
-``resume=latest`` would pick up. The reference model is never stored: it is always the initial model,
-rebuilt from ``model.path``.
+It is first written to ``step-N.tmp``, every file and the folder flushed to disk (fsync), and only then renamed
+into place, so a crash (even ``kill -9`` or a power cut) never leaves a half checkpoint under a ``step-N`` name;
+a folder is removed by renaming it away first, for the same reason. ``latest`` takes only complete folders,
+and ``prune`` keeps the newest complete one. The reference model is never stored: it is always the initial
+model, rebuilt from ``model.path``.
 
 Tensors are stored whole whatever the launch: under FSDP2 and DeepSpeed ZeRO each is gathered from its
 shards while it is written and split again while it is read (``mmalign.distributed``), so a checkpoint of a
@@ -22,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import time
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -30,7 +33,13 @@ from mmalign import distributed
 from mmalign.errors import UserError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# what an interrupted write (.tmp) or removal (.old) leaves behind
+_LEFTOVER = re.compile(r"^step-(\d+)\.(tmp|old)$")
+FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "state.json")
 EXTRA = "extra.safetensors"
+# Seconds to hold every checkpoint half-written (tensors on disk, state not yet): lets a crash inside the write
+# be reproduced on purpose, to check crash safety on one's own storage (the test suite kills runs there).
+PAUSE_ENV = "MMALIGN_CHECKPOINT_PAUSE"
 
 
 def trainable_state(module: torch.nn.Module, *, keep: bool = True) -> dict[str, torch.Tensor]:
@@ -66,6 +75,8 @@ def save(
     save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
     if extra:
         save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, os.path.join(tmp, EXTRA))
+    if os.environ.get(PAUSE_ENV):
+        time.sleep(float(os.environ[PAUSE_ENV]))
     with open(os.path.join(tmp, "optimizer.json"), "w") as f:
         json.dump(meta, f)
     with open(os.path.join(tmp, "state.json"), "w") as f:
@@ -89,8 +100,39 @@ def _fresh(path: str) -> str:
 
 
 def _publish(tmp: str, folder: str) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
+    """Make ``tmp`` durable, then give it its name: a folder under that name is always whole."""
+    for name in os.listdir(tmp):
+        _fsync(os.path.join(tmp, name))
+    _fsync(tmp)
+    # a previous version (``best``, or a step written again) is renamed away and deleted once the new one is in
+    old = folder + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(folder):
+        os.replace(folder, old)
     os.replace(tmp, folder)
+    _fsync(os.path.dirname(os.path.abspath(folder)))  # the renames themselves
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove(folder: str) -> None:
+    """Delete ``folder``, renamed away first so that a crash midway never leaves a part under its name."""
+    doomed = folder + ".old"
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_complete(folder: str) -> bool:
+    """Whether ``folder`` holds every file of a checkpoint."""
+    return all(os.path.isfile(os.path.join(folder, name)) for name in FILES)
 
 
 def load_weights(folder: str, module: torch.nn.Module) -> None:
@@ -113,7 +155,7 @@ def assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 
 def load(folder: str, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Restore parameters and optimizer from ``folder``; returns its ``state.json``."""
-    for name in ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "state.json"):
+    for name in FILES:
         if not os.path.isfile(os.path.join(folder, name)):
             raise UserError(f"checkpoint.resume: {folder} is not a checkpoint (no {name})")
     load_weights(folder, module)
@@ -140,18 +182,35 @@ def load_extra(folder: str) -> dict[str, torch.Tensor]:
 
 
 def latest(checkpoints_dir: str) -> str | None:
-    """The newest complete ``step-N`` folder, or None."""
-    if not os.path.isdir(checkpoints_dir):
-        return None
-    steps = [int(m.group(1)) for name in os.listdir(checkpoints_dir) if (m := _STEP_DIR.match(name))]
-    return os.path.join(checkpoints_dir, f"step-{max(steps)}") if steps else None
+    """The newest complete ``step-N`` folder, or None; ``.tmp`` / ``.old`` leftovers of a crash never count."""
+    steps = _complete_steps(checkpoints_dir)
+    return os.path.join(checkpoints_dir, f"step-{steps[-1]}") if steps else None
 
 
 def prune(checkpoints_dir: str, keep: int) -> None:
-    """Delete all but the ``keep`` newest ``step-N`` folders."""
-    steps = sorted(int(m.group(1)) for name in os.listdir(checkpoints_dir) if (m := _STEP_DIR.match(name)))
+    """Delete all but the ``keep`` newest complete ``step-N`` folders (so never the newest complete one), and
+    what interrupted writes or removals left behind before it."""
+    steps = _complete_steps(checkpoints_dir)
+    if not steps:
+        return
     for step in steps[:-keep]:
-        shutil.rmtree(os.path.join(checkpoints_dir, f"step-{step}"), ignore_errors=True)
+        _remove(os.path.join(checkpoints_dir, f"step-{step}"))
+    for name in os.listdir(checkpoints_dir):
+        m = _LEFTOVER.match(name)
+        if m and int(m.group(1)) < steps[-1]:
+            shutil.rmtree(os.path.join(checkpoints_dir, name), ignore_errors=True)
+
+
+def _complete_steps(checkpoints_dir: str) -> list[int]:
+    """The steps of the complete ``step-N`` folders, oldest first."""
+    if not os.path.isdir(checkpoints_dir):
+        return []
+    steps = []
+    for name in os.listdir(checkpoints_dir):
+        m = _STEP_DIR.match(name)
+        if m and is_complete(os.path.join(checkpoints_dir, name)):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
 
 
 def _flatten_optimizer(

@@ -204,6 +204,11 @@ class OptimConfig:
     adam_beta1: float = _spec(0.9, doc="AdamW β1.", ge=0, lt=1)
     adam_beta2: float = _spec(0.999, doc="AdamW β2.", ge=0, lt=1)
     max_grad_norm: float = _spec(1.0, doc="Gradient clipping norm; 0 disables clipping.", ge=0)
+    skip_nonfinite: bool = _spec(
+        False,
+        doc="A step whose loss or gradient is NaN/inf: false stops the run (exit 2, naming the step); true skips "
+        "the step (no update) and counts it in metrics.jsonl as skipped_nonfinite.",
+    )
     mixed_precision: str = _spec("no", doc="accelerate mixed precision.", choices=("no", "fp16", "bf16"))
     seed: int = _spec(0, doc="Seed of data order, noise, timesteps and LoRA init.")
 

@@ -61,6 +61,19 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach()
 
 
+@torch.no_grad()
+def local_all_finite(tensors: list[torch.Tensor], device) -> torch.Tensor:
+    """1.0 on ``device`` when every element this rank holds of ``tensors`` is finite (of a DTensor, its own
+    shard), else 0.0. Nothing is communicated: reduce it across the ranks for one answer everywhere."""
+    dtensor = _dtensor_type()
+    finite = torch.ones((), device=device)
+    for tensor in tensors:
+        if dtensor is not None and isinstance(tensor, dtensor):
+            tensor = tensor.to_local()
+        finite = finite * torch.isfinite(tensor).all().to(device)
+    return finite
+
+
 def like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``value`` (a whole tensor) laid out as ``target``: this rank's rows of it when ``target`` is a DTensor.
 

@@ -7,8 +7,9 @@
   timestep and dropout, keyed by (seed, position) — which is why accumulation, resume and several processes
   equal one process — rebuilt when an online pool is;
 - ``Run``: the run directory, the deterministic positions of the global data stream, backward + step with
-  clipping, the metrics window (``metrics.jsonl``, TensorBoard, progress), validation with keep-best,
-  atomic checkpoints and exact resume, and the export of ``final/``.
+  clipping and the NaN/inf check, the metrics window (``metrics.jsonl``, TensorBoard, progress), validation
+  with keep-best, atomic checkpoints (never of non-finite weights) and exact resume, and the export of
+  ``final/``.
 
 A recipe builds these, then runs its own loop (``recipes/preference.py``, ``recipes/rwr.py``); the loop
 reads top to bottom and only the step itself is the recipe's.
@@ -59,6 +60,9 @@ def check_backend(environ=os.environ) -> None:
     the weights themselves, so that every forward would be collective and gathered differently; ZeRO
     offload moves the optimizer step to DeepSpeed's CPU path, whose state the checkpoints do not read.
     """
+    launch = tuple(sorted((k, v) for k, v in environ.items() if k.startswith(_LAUNCH_VARIABLES)))
+    if launch in _approved_launches:  # the CLI checks before it builds toy assets; the recipes check again
+        return
     if environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         version = environ.get("FSDP_VERSION", "1")
         if version != "2":
@@ -73,6 +77,11 @@ def check_backend(environ=os.environ) -> None:
             for name in ("offload_optimizer_device", "offload_param_device")
         }
         _check_zero(stage, offload, "ACCELERATE_DEEPSPEED_")
+    _approved_launches.add(launch)
+
+
+_LAUNCH_VARIABLES = ("ACCELERATE_USE_", "FSDP_", "ACCELERATE_DEEPSPEED_")
+_approved_launches: set[tuple] = set()
 
 
 def _check_zero(stage, offload: dict[str, str | None], prefix: str) -> None:
@@ -123,12 +132,17 @@ def configure_deepspeed(accelerator: Accelerator, cfg: RunConfig) -> None:
         for part in ("optimizer", "param")
     }
     _check_zero(plugin.zero_stage, offload, "DeepSpeed config: ")
+    if cfg.optim.skip_nonfinite:
+        raise UserError(
+            "`optim.skip_nonfinite` is true, which DeepSpeed cannot honour: it takes the optimizer step inside "
+            "backward, before a non-finite step could be dropped (accepted under DeepSpeed: false)"
+        )
     micro, accum = cfg.optim.batch_size, cfg.optim.gradient_accumulation_steps
     plugin.deepspeed_config.update(
         {
             "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": accum,
-            "train_batch_size": micro * accum * accelerator.num_processes,
+            "train_batch_size": global_batch(cfg, accelerator),
             "gradient_clipping": max(cfg.optim.max_grad_norm, 0.0),
         }
     )
@@ -367,7 +381,9 @@ class Run:
                 f.write(to_yaml(cfg))
         self.start_step, self.best = 0, {"reward": -math.inf, "step": None}
         self.val_history: list[tuple[int, float]] = []
+        self.skipped_nonfinite = 0  # steps dropped for a NaN/inf loss or gradient (optim.skip_nonfinite)
         self._resume()
+        self.completed = self.start_step  # optimizer steps done; the one being computed is completed + 1
         self.validation = Validation(cfg, adapter) if cfg.validation.every else None
         if self.is_main and cfg.log.progress:
             resumed = f", resuming at step {self.start_step}" if self.start_step else ""
@@ -386,6 +402,10 @@ class Run:
         )
         self.window: dict[str, list[torch.Tensor]] = {}
         self.window_start = time.perf_counter()
+        # the current step's diagnostics, added to the window once the step is known not to be skipped
+        self.step_stats: dict[str, list[torch.Tensor]] = {}
+        self.step_skipped = False
+        self.nonfinite_loss = torch.zeros((), device=self.accelerator.device)
         if self.validation is not None and self.start_step == 0:
             # step 0 is the base model itself: the line every later validation reward is judged against
             reward = self._validate() if base_val_reward is None else base_val_reward
@@ -413,26 +433,37 @@ class Run:
         return _both(self.accelerator.accumulate(self.policy.model), self.accelerator.autocast())
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
-        """Backward; clip and step when the accumulation window closes (accelerate decides)."""
+        """Backward; when the accumulation window closes (accelerate decides), check the step's losses and
+        gradients for NaN/inf, then clip and step — or drop the step (``optim.skip_nonfinite``)."""
         policy, cfg = self.policy, self.cfg
+        # a non-finite loss in any micro-batch of the step; read once, when the window closes
+        self.nonfinite_loss += (~torch.isfinite(loss.detach())).float()
         self.accelerator.backward(loss)
+        if self.accelerator.sync_gradients and self._nonfinite_step():
+            policy.optimizer.zero_grad(set_to_none=True)
+            return
         if self.accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
             # the norm before clipping; DeepSpeed clipped inside backward and reports its own
             grad_norm = self.accelerator.clip_grad_norm_(policy.params, cfg.optim.max_grad_norm)
             if grad_norm is not None:
                 grad_norm = distributed.whole(torch.as_tensor(grad_norm)).float().reshape(1)
-                self.window.setdefault("grad_norm", []).append(grad_norm.cpu())
+                self.step_stats.setdefault("grad_norm", []).append(grad_norm.cpu())
         policy.optimizer.step()
         policy.optimizer.zero_grad(set_to_none=True)
 
     def record(self, stats: dict[str, torch.Tensor]) -> None:
         """Per-sample diagnostics of one micro-batch, averaged into the next metrics row."""
         for key, value in stats.items():
-            self.window.setdefault(key, []).append(value.detach().float())
+            self.step_stats.setdefault(key, []).append(value.detach().float())
 
     def end_step(self, done: int) -> None:
         """After optimizer step ``done`` (1-based): lr schedule, log, validate, checkpoint."""
         cfg = self.cfg
+        self.completed = done
+        if not self.step_skipped:  # a skipped step's NaN/inf diagnostics stay out of the metrics means
+            for key, values in self.step_stats.items():
+                self.window.setdefault(key, []).extend(values)
+        self.step_stats, self.step_skipped = {}, False
         self.policy.schedule.step()
         self.bar.update(1)
         last = done == cfg.optim.max_steps
@@ -446,6 +477,7 @@ class Run:
                 self._write({"step": done, "val_reward": reward})
             if reward > self.best["reward"]:
                 self.best = {"reward": reward, "step": done}
+                self._check_weights(done)
                 checkpoint.save_weights(
                     os.path.join(self.ckpt_dir, "best"), self.policy.network, write=self.is_main
                 )
@@ -491,13 +523,16 @@ class Run:
 
     def _log(self, done: int) -> None:
         elapsed = time.perf_counter() - self.window_start
-        row = {"step": done, **_reduce(self.accelerator, self.window)}
+        # loss stays null when every step of the window was skipped as non-finite
+        row = {"step": done, "loss": None, **_reduce(self.accelerator, self.window)}
         row["lr"] = self.policy.schedule.get_last_lr()[0]
-        row["pairs_per_s"] = len(self.window["loss"]) * self.micro * self.world / elapsed
+        row["pairs_per_s"] = len(self.window.get("loss", [])) * self.micro * self.world / elapsed
+        if self.cfg.optim.skip_nonfinite:
+            row["skipped_nonfinite"] = self.skipped_nonfinite  # since step 0
         self.window, self.window_start = {}, time.perf_counter()
         if self.is_main:
             self._write(row)
-            shown = {"loss": f"{row['loss']:.4f}"}
+            shown = {"loss": "skipped" if row["loss"] is None else f"{row['loss']:.4f}"}
             if "implicit_acc" in row:  # a pairwise loss; the sft control has none
                 shown["acc"] = f"{row['implicit_acc']:.2f}"
             self.bar.set_postfix(shown)
@@ -513,13 +548,50 @@ class Run:
         with self.policy.sampling() as network:
             return self.validation(network, self.accelerator, relayout=not self.policy.owned)
 
+    def _nonfinite_step(self) -> bool:
+        """Whether the step whose window is closing had a NaN/inf loss or gradient on any rank (the same answer
+        on every rank, so all skip together). Without ``optim.skip_nonfinite`` an error naming the step."""
+        device = self.accelerator.device
+        if self.accelerator.scaler is None:
+            grads = [p.grad for p in self.policy.params if p.grad is not None]
+            grads_finite = distributed.local_all_finite(grads, device)
+        else:  # fp16: the grad scaler skips an overflowing step itself and lowers its scale
+            grads_finite = torch.ones((), device=device)
+        flags = torch.stack([self.nonfinite_loss.clamp(max=1), 1 - grads_finite])  # (2,)
+        loss_bad, grads_bad = (bool(flag > 0) for flag in self.accelerator.reduce(flags, reduction="sum"))
+        self.nonfinite_loss = torch.zeros((), device=device)
+        if not (loss_bad or grads_bad):
+            return False
+        step, what = self.completed + 1, "the loss" if loss_bad else "a gradient"
+        if not self.cfg.optim.skip_nonfinite:
+            raise UserError(
+                f"step {step}: {what} is not finite (NaN or inf), so the run stopped (the checkpoints written "
+                "so far are intact); lower `optim.lr`, check the data, or set `optim.skip_nonfinite=true` to skip "
+                "such steps"
+            )
+        self.skipped_nonfinite += 1
+        self.step_skipped = True
+        self.note(f"step {step}: {what} is not finite (NaN or inf); step skipped (optim.skip_nonfinite)")
+        return True
+
+    def _check_weights(self, done: int) -> None:
+        """Refuse to save non-finite weights; every rank checks its part and all agree."""
+        finite = distributed.local_all_finite(self.policy.params, self.accelerator.device)
+        if bool(self.accelerator.reduce(1 - finite, reduction="sum") > 0):
+            raise UserError(
+                f"step {done}: the trained weights are not finite (NaN or inf) after the optimizer step, so no "
+                "checkpoint was written (the earlier ones are intact); lower `optim.lr`"
+            )
+
     def _checkpoint(self, done: int) -> None:
-        """Written once, atomically, with the recipe's extras."""
+        """Written once, atomically, with the recipe's extras; never of non-finite weights."""
+        self._check_weights(done)
         state = {
             "step": done,
             "schedule": self.policy.schedule.state_dict(),
             "best": self.best,
             "val_history": self.val_history,
+            "skipped_nonfinite": self.skipped_nonfinite,
         }
         extra_tensors, extra_meta = {}, {}
         for name, holder in self.extras.items():
@@ -544,13 +616,18 @@ class Run:
         resume_from = (
             checkpoint.latest(self.ckpt_dir) if cfg.checkpoint.resume == "latest" else cfg.checkpoint.resume
         )
+        metrics = os.path.join(self.out_dir, "metrics.jsonl")
         if resume_from is None:
+            if self.is_main:
+                _truncate_metrics(metrics, -1)  # a fresh start: rows of an earlier attempt are not this run's
             return
         policy = self.policy
         state = checkpoint.load(resume_from, module=policy.network, optimizer=policy.optimizer.optimizer)
         policy.schedule.load_state_dict(state["schedule"])
         self.start_step, self.best = state["step"], state["best"]
         self.val_history = [tuple(item) for item in state["val_history"]]
+        # checkpoints written before steps could be skipped hold no count: none was skipped
+        self.skipped_nonfinite = state.get("skipped_nonfinite", 0)
         if self.extras:
             tensors = checkpoint.load_extra(resume_from)
             for name, holder in self.extras.items():
@@ -558,14 +635,14 @@ class Run:
                 own = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
                 holder.load_state(own, state["extras"][name])
         if self.is_main:
-            _truncate_metrics(os.path.join(self.out_dir, "metrics.jsonl"), self.start_step)
+            _truncate_metrics(metrics, self.start_step)
 
     def _write(self, row: dict) -> None:
         with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.writer is not None:
             for key, value in row.items():
-                if key != "step":
+                if key != "step" and value is not None:
                     self.writer.add_scalar(key, value, row["step"])
 
 
@@ -618,13 +695,21 @@ def _reduce(accelerator: Accelerator, window: dict[str, list[torch.Tensor]]) -> 
 
 
 def _truncate_metrics(path: str, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint; the resumed run writes them again."""
+    """On resume, drop rows logged after the checkpoint at ``step`` (the resumed run writes them again) and a
+    last line a crash cut short. Replaced atomically: a crash here loses no row."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
+        # every row is written with its newline last: a line without one is a write cut short
+        rows = [
+            line for line in f if line.endswith("\n") and line.strip() and json.loads(line)["step"] <= step
+        ]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         f.writelines(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _tensorboard(out_dir: str):
