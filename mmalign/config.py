@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mmalign.errors import UserError
+from mmalign.losses import names_for
 
 
 def _spec(default, *, doc: str, gt=None, ge=None, le=None, lt=None, choices=None):
@@ -124,8 +125,9 @@ class DataConfig:
 class LossConfig:
     name: str = _spec(
         "dpo",
-        doc="Preference loss; sft: plain denoising loss on the chosen member (baselines and controls).",
-        choices=("dpo", "ipo", "hinge", "robust", "bco_pair", "sft"),
+        doc="Preference loss (docs/algorithms.md); sft: plain denoising loss on the chosen member (baselines "
+        "and controls).",
+        choices=names_for("preference"),
     )
     beta: float = _spec(
         5000.0,

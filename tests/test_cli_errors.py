@@ -107,6 +107,11 @@ def test_beta_must_be_positive(capsys, config_file, beta):
     assert "`loss.beta` must be > 0" in line and f"got {beta}" in line and "command line" in line
 
 
+def test_a_learning_rate_beyond_float32_is_refused_before_the_optimizer_overflows(capsys, config_file):
+    line = one_error(capsys, *train(config_file, "optim.lr=1e39"))
+    assert "`optim.lr` must be < 3.4e+38" in line and "got 1e+39" in line and "command line" in line
+
+
 def test_missing_config_file(capsys, tmp_path):
     missing = str(tmp_path / "nope.yaml")
     line = one_error(capsys, "train", missing)

@@ -106,6 +106,27 @@ def test_two_processes_equal_one_process_with_the_whole_batch(pixel_pipeline, pa
 
 
 @needs_gloo
+def test_two_processes_give_bco_pair_the_reward_shift_of_one_process(pixel_pipeline, pairs_parquet, tmp_path):
+    """BCO's δ is the running mean over the whole global batch: the processes' reward sums are added up, so a
+    process that kept the mean of its own pairs would train with another δ and end with other weights."""
+    bco = ["loss.name=bco_pair", "loss.beta=500", "optim.lr=1e-2"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    torchrun(2, ["--float64", *overrides(pixel_pipeline, pairs_parquet, two, batch_size=2), *bco])
+    run_worker(["--float64", *overrides(pixel_pipeline, pairs_parquet, one, batch_size=4), *bco])
+
+    rows_two, rows_one = metrics(two), metrics(one)
+    assert [row["step"] for row in rows_two] == [1, 2, 3]
+    assert abs(rows_one[-1]["reward_shift"]) > 0.05, "δ must have moved for the comparison to mean anything"
+    for a, b in zip(rows_two, rows_one):
+        for key in ("reward_shift", "implicit_reward", "loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    lora = "final/pytorch_lora_weights.safetensors"
+    assert max_difference(load_file(two / lora), load_file(one / lora)) <= 1e-6
+    shifts = [load_file(run / "checkpoints" / "step-3" / "extra.safetensors") for run in (two, one)]
+    assert max_difference(*shifts) <= 1e-9
+
+
+@needs_gloo
 def test_toy_pairs_are_built_once_under_two_processes(tmp_path):
     """``mmalign train`` under torchrun: rank 0 samples the missing toy pairs while rank 1 waits, then rank 1
     finds them built (one "built" line), and both train on the same file."""

@@ -8,6 +8,8 @@ L(0.5) = 0.474077, L(1) = 0.313262, L(−1) = 1.313262, L(2) = 0.126928, L(−2)
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mmalign.config import LossConfig
 from mmalign.errors import UserError
 from mmalign.losses import (
     LOSSES,
@@ -29,6 +32,7 @@ from mmalign.losses import (
     robust,
     rwr,
     rwr_weights,
+    sft,
 )
 
 TOL = 1e-6
@@ -117,7 +121,7 @@ def test_pairwise_batch_order_independence(name):
     torch.manual_seed(1)
     pw, pl, rw, rl = (torch.randn(6) for _ in range(4))
     perm = torch.tensor([3, 0, 5, 1, 4, 2])
-    loss_fn = LOSSES[name]
+    loss_fn = LOSSES[name].fn
     out = loss_fn(pw, pl, rw, rl, beta=0.7)
     permuted = loss_fn(pw[perm], pl[perm], rw[perm], rl[perm], beta=0.7)
     torch.testing.assert_close(permuted.loss, out.loss[perm])
@@ -152,7 +156,7 @@ def test_dpo_rewards_are_beta_log_ratios_and_detached():
 def test_pairwise_losses_compute_in_fp32(name):
     """bf16 / fp16 inputs give fp32 losses and rewards."""
     pw, pl, rw, rl = (torch.randn(3).to(dtype) for dtype in (torch.bfloat16, torch.float16) * 2)
-    out = LOSSES[name](pw, pl, rw, rl, beta=1.0)
+    out = LOSSES[name].fn(pw, pl, rw, rl, beta=1.0)
     assert out.loss.dtype == torch.float32
     assert out.chosen_rewards.dtype == torch.float32
 
@@ -410,12 +414,39 @@ def test_rwr_loss_hand_number():
 
 
 def test_get_loss_returns_registered_function():
-    assert get_loss("dpo") is dpo
-    assert get_loss("kto") is kto
-    assert set(PAIRWISE) <= set(LOSSES)
+    assert get_loss("dpo").fn is dpo
+    assert get_loss("kto").fn is kto
+    assert get_loss("sft").fn is sft
+    assert PAIRWISE == ("dpo", "ipo", "hinge", "robust", "bco_pair")
+    assert {name for name, spec in LOSSES.items() if spec.inputs == "pairs"} == set(PAIRWISE)
 
 
 def test_get_loss_unknown_name_lists_valid_names():
     with pytest.raises(UserError) as excinfo:
         get_loss("dpp")
-    assert str(excinfo.value) == "unknown loss 'dpp'; choose one of: bco_pair, dpo, hinge, ipo, kto, robust"
+    assert str(excinfo.value) == (
+        "unknown loss 'dpp'; choose one of: bco_pair, dpo, hinge, ipo, kto, robust, sft"
+    )
+
+
+def test_registered_options_are_config_keys_the_function_takes():
+    """Each loss's ``options`` are ``loss.*`` config keys and keyword arguments of its function; its ``state``
+    (δ) is a keyword argument but never a config key: the recipe keeps it."""
+    config_keys = {f.name for f in dataclasses.fields(LossConfig)}
+    for name, spec in LOSSES.items():
+        parameters = inspect.signature(spec.fn).parameters
+        for key in (*spec.options, *spec.state):
+            assert parameters[key].kind is inspect.Parameter.KEYWORD_ONLY, (name, key)
+        assert set(spec.options) <= config_keys, name
+        assert not set(spec.state) & config_keys, name
+    assert LOSSES["dpo"].options == ("label_smoothing",)
+    assert LOSSES["robust"].options == ("label_noise",)
+    assert LOSSES["bco_pair"].state == ("delta",)
+    assert all(not LOSSES[name].options for name in ("ipo", "hinge", "bco_pair"))
+
+
+def test_sft_is_the_chosen_error_in_fp32():
+    """sft(e) = e per sample, not reduced: errors [0.25, 1.5] in bf16 give [0.25, 1.5] in fp32 (both exact)."""
+    out = sft(torch.tensor([0.25, 1.5], dtype=torch.bfloat16))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([0.25, 1.5]), atol=0, rtol=0)

@@ -14,7 +14,9 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _distributed_worker import float64_recipe
+from accelerate import Accelerator
 from conftest import TOY_BASE, png, run_overrides
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
@@ -500,3 +502,145 @@ def test_progress_in_a_log_file_is_one_line_per_metrics_row(pixel_pipeline, pair
     lines = [line for line in captured.out.splitlines() if line.startswith("dpo step")]
     assert [line.split(":")[0] for line in lines] == ["dpo step 2/4", "dpo step 4/4"]
     assert all("loss " in line and "samples/s" in line for line in lines)
+
+
+# ------------------------------------------------------------------------------------- BCO's reward shift
+
+
+def test_reward_shift_is_the_running_mean_over_pairs_and_skips_non_finite_steps():
+    """Steps of 2 and 1 pairs with implicit rewards [1, 3] and [6]: δ = (1 + 3) / 2 = 2, then
+    (1 + 3 + 6) / 3 = 10/3 (every pair weighs the same); a step with a NaN reward leaves δ at 10/3; the state a
+    checkpoint holds gives a fresh one the same δ, which then continues alike: + [2] → (10 + 2) / 4 = 3."""
+    accelerator = Accelerator(cpu=True)
+    shift = preference.RewardShift(accelerator)
+    assert shift.value == 0.0
+    shift.observe(torch.tensor([1.0]))
+    shift.observe(torch.tensor([3.0]))  # a second micro-batch of the same step
+    shift.step()
+    assert shift.value == pytest.approx(2.0)
+    shift.observe(torch.tensor([6.0]))
+    shift.step()
+    assert shift.value == pytest.approx(10 / 3)
+    shift.observe(torch.tensor([float("nan"), 1.0]))
+    shift.step()
+    assert shift.value == pytest.approx(10 / 3)
+
+    resumed = preference.RewardShift(accelerator)
+    resumed.load_state(*shift.state())
+    assert resumed.value == shift.value
+    for holder in (shift, resumed):
+        holder.observe(torch.tensor([2.0]))
+        holder.step()
+        assert holder.value == pytest.approx(3.0)
+
+
+def bco_config(pipeline: str, data: str, out, *overrides: str):
+    """bco_pair with a β and lr at which the implicit rewards move well away from 0 within two steps."""
+    return tiny_config(
+        pipeline, data, out, "loss.name=bco_pair", "loss.beta=500", "optim.lr=1e-2", *overrides
+    )
+
+
+def policy_after(pipeline: str, cfg, step: int) -> UNet2DConditionModel:
+    """The policy UNet as the run's checkpoint of optimizer step ``step`` holds it."""
+    unet = diffusion.load_components(pipeline).unet
+    diffusion.add_lora(
+        unet,
+        rank=cfg.lora.rank,
+        alpha=cfg.lora.alpha,
+        dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+    )
+    checkpoint.load_weights(os.path.join(cfg.output_dir, "checkpoints", f"step-{step}"), unet)
+    return unet
+
+
+def test_bco_pair_trains_with_the_running_mean_of_its_implicit_rewards(
+    pixel_pipeline, pairs_parquet, tmp_path, float64
+):
+    """δ and the step-3 loss, recomputed from the checkpoints (s = −½·e, r = s_θ − s_ref, β = 500).
+
+    Step k's pairs give per-pair implicit rewards m = β·(r_w + r_l) / 2 under the policy that step starts from
+    (the checkpoint of step k − 1; step 1 starts at the zero-initialised LoRA, so m = 0 there). δ_k, the shift
+    step k trains with, is the mean of m over the pairs of steps 1 … k − 1: δ_1 = δ_2 = 0, δ_3 = (0 + m̄_2) / 2.
+    Step 3's loss is mean over its pairs of −log σ(β·r_w − δ_3) − log σ(−(β·r_l − δ_3)).
+    """
+    cfg = bco_config(
+        pixel_pipeline,
+        pairs_parquet,
+        tmp_path / "run",
+        "optim.max_steps=3",
+        "checkpoint.every=1",
+        "checkpoint.keep=3",
+    )
+    preference.train(cfg)
+    rows = metrics(cfg.output_dir)
+    components = diffusion.load_components(pixel_pipeline)
+    beta = cfg.loss.beta
+
+    def log_ratios(step: int):  # r_w, r_l of step ``step``'s pairs, under the policy that step starts from
+        batch = stream_batch(pixel_pipeline, cfg, step=step)
+        ref_w, ref_l = errors_of(components.unet, components, batch)
+        pol_w, pol_l = errors_of(policy_after(pixel_pipeline, cfg, step - 1), components, batch)
+        return -0.5 * (pol_w - ref_w), -0.5 * (pol_l - ref_l)  # (B,), (B,)
+
+    assert rows[0]["reward_shift"] == 0 and rows[1]["reward_shift"] == 0
+    assert rows[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-6)  # policy = reference, δ = 0
+    r_w, r_l = log_ratios(2)
+    shift = 0.5 * (0.0 + float((beta * (r_w + r_l) / 2).mean()))
+    assert abs(shift) > 0.05, f"δ_3 = {shift:.3g}: the rewards barely moved, the test would prove nothing"
+    assert rows[2]["reward_shift"] == pytest.approx(shift, abs=1e-5)
+
+    r_w, r_l = log_ratios(3)
+    chosen, rejected = beta * r_w, beta * r_l  # (B,) each
+
+    def hand_loss(delta: float) -> float:
+        return float((-F.logsigmoid(chosen - delta) - F.logsigmoid(-(rejected - delta))).mean())
+
+    assert rows[2]["loss"] == pytest.approx(hand_loss(shift), abs=1e-5)
+    assert abs(hand_loss(shift) - hand_loss(0.0)) > 1e-3  # a run that ignored δ would fail the line above
+
+
+def test_bco_pair_resume_continues_with_the_saved_reward_shift(pixel_pipeline, pairs_parquet, tmp_path):
+    straight = bco_config(pixel_pipeline, pairs_parquet, tmp_path / "straight")
+    preference.train(straight)
+    out = tmp_path / "resumed"
+    preference.train(
+        bco_config(pixel_pipeline, pairs_parquet, out, "optim.max_steps=2", "checkpoint.every=2")
+    )
+    saved = checkpoint.load_extra(str(out / "checkpoints" / "step-2"))
+    preference.train(bco_config(pixel_pipeline, pairs_parquet, out, "checkpoint.resume=latest"))
+
+    rows, rows_straight = metrics(str(out)), metrics(straight.output_dir)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert abs(rows_straight[2]["reward_shift"]) > 0.05, (
+        "δ must have moved for the comparison to mean anything"
+    )
+    # the checkpoint of step 2 holds the δ that step 3 trains with
+    assert float(saved["reward_shift.value"][0]) == pytest.approx(rows_straight[2]["reward_shift"], rel=1e-6)
+    for a, b in zip(rows, rows_straight):
+        for key in ("reward_shift", "implicit_reward", "loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    assert_same_tensors(final_lora(straight.output_dir), final_lora(str(out)), atol=1e-6)
+
+
+def test_bco_pair_gradient_accumulation_gives_the_reward_shift_of_the_full_batch(
+    pixel_pipeline, pairs_parquet, tmp_path, float64
+):
+    full = bco_config(pixel_pipeline, pairs_parquet, tmp_path / "full")
+    accumulated = bco_config(
+        pixel_pipeline,
+        pairs_parquet,
+        tmp_path / "accum",
+        "optim.batch_size=1",
+        "optim.gradient_accumulation_steps=4",
+    )
+    preference.train(full)
+    preference.train(accumulated)
+    rows_full, rows_accum = metrics(full.output_dir), metrics(accumulated.output_dir)
+    assert [row["step"] for row in rows_accum] == [1, 2, 3, 4]
+    assert abs(rows_full[-1]["reward_shift"]) > 0.05
+    for a, b in zip(rows_full, rows_accum):
+        for key in ("reward_shift", "implicit_reward", "loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    assert_same_tensors(final_lora(full.output_dir), final_lora(accumulated.output_dir), atol=1e-6)

@@ -1,29 +1,65 @@
-"""Preference losses: pure functions on per-sample scores, chosen by name in :data:`LOSSES`."""
+"""Losses: pure functions on per-sample scores or errors, chosen by name in :data:`LOSSES`.
+
+``LOSSES`` is the one list of loss names: the config's ``loss.name`` choices, the preference recipe and
+``docs/algorithms.md`` all read it (``tests/test_docs.py`` checks the docs).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from mmalign.errors import UserError
 from mmalign.losses.kto import KTOLoss, kto, mismatched_reference_point
 from mmalign.losses.preference import PairLoss, bco_pair, dpo, hinge, ipo, robust
-from mmalign.losses.rwr import rwr, rwr_weights
+from mmalign.losses.rwr import rwr, rwr_weights, sft
 
-LOSSES: dict[str, Callable] = {
-    "dpo": dpo,
-    "ipo": ipo,
-    "hinge": hinge,
-    "robust": robust,
-    "bco_pair": bco_pair,
-    "kto": kto,
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What a recipe needs to know to call one loss.
+
+    Attributes:
+        fn: the loss function.
+        inputs: what it is called on. ``pairs``: the four per-sample scores of a pair
+            ``(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta)``, returning a
+            :class:`PairLoss`; ``chosen``: the per-sample errors of the chosen member alone; ``unpaired``:
+            desirable and undesirable samples on their own (KTO).
+        recipe: the training recipe that runs it (the value of ``loss.name`` there); None when no recipe does
+            yet.
+        options: the ``loss.*`` config keys passed on as keyword arguments of the same name.
+        state: keyword arguments the recipe keeps up to date over the run and passes on (``delta``: BCO's
+            running reward shift).
+    """
+
+    fn: Callable
+    inputs: str
+    recipe: str | None
+    options: tuple[str, ...] = ()
+    state: tuple[str, ...] = ()
+
+
+LOSSES: dict[str, LossSpec] = {
+    "dpo": LossSpec(dpo, "pairs", "preference", options=("label_smoothing",)),
+    "ipo": LossSpec(ipo, "pairs", "preference"),
+    "hinge": LossSpec(hinge, "pairs", "preference"),
+    "robust": LossSpec(robust, "pairs", "preference", options=("label_noise",)),
+    "bco_pair": LossSpec(bco_pair, "pairs", "preference", state=("delta",)),
+    "sft": LossSpec(sft, "chosen", "preference"),
+    "kto": LossSpec(kto, "unpaired", None),
 }
 
 # The losses with the pairwise signature (policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta).
-PAIRWISE = ("dpo", "ipo", "hinge", "robust", "bco_pair")
+PAIRWISE = tuple(name for name, spec in LOSSES.items() if spec.inputs == "pairs")
 
 
-def get_loss(name: str) -> Callable:
-    """Return the loss function called ``name``; raise UserError listing the valid names otherwise."""
+def names_for(recipe: str) -> tuple[str, ...]:
+    """The loss names recipe ``recipe`` accepts, in the order of :data:`LOSSES`."""
+    return tuple(name for name, spec in LOSSES.items() if spec.recipe == recipe)
+
+
+def get_loss(name: str) -> LossSpec:
+    """The entry of loss ``name``; raise UserError listing the valid names otherwise."""
     if name not in LOSSES:
         raise UserError(f"unknown loss {name!r}; choose one of: {', '.join(sorted(LOSSES))}")
     return LOSSES[name]
@@ -33,6 +69,7 @@ __all__ = [
     "LOSSES",
     "PAIRWISE",
     "KTOLoss",
+    "LossSpec",
     "PairLoss",
     "bco_pair",
     "dpo",
@@ -41,7 +78,9 @@ __all__ = [
     "ipo",
     "kto",
     "mismatched_reference_point",
+    "names_for",
     "robust",
     "rwr",
     "rwr_weights",
+    "sft",
 ]

@@ -173,7 +173,8 @@ def bco_pair(
     What the paper leaves open, and who owns it here: δ is the running mean of the implicit rewards β·r of
     both chosen and rejected samples, but the paper fixes neither the averaging window or decay, nor whether
     the mean is synchronised across ranks, nor its value at step 0. The caller keeps that running mean and
-    passes it (detached, on the β-scaled reward scale) as ``delta``; 0 is the value before any step.
+    passes it (detached, on the β-scaled reward scale) as ``delta``; 0 is the value before any step. The
+    preference recipe's choices: ``mmalign.recipes.preference.RewardShift``.
     """
     chosen, rejected = _log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     chosen_logits = beta * chosen - delta  # (B,)

@@ -1,4 +1,4 @@
-"""Reward-weighted regression (Flow-RWR): the denoising / velocity error weighted by a function of the reward."""
+"""Regression on the denoising / velocity error: reward-weighted (Flow-RWR), or unweighted (SFT)."""
 
 from __future__ import annotations
 
@@ -28,3 +28,13 @@ def rwr(policy_errors: torch.Tensor, rewards: torch.Tensor, *, temperature: floa
     """
     weights = rwr_weights(rewards, temperature=temperature)  # (B,)
     return weights * policy_errors.float()
+
+
+def sft(policy_chosen_errors: torch.Tensor) -> torch.Tensor:
+    """Supervised fine-tuning loss per sample: the policy's error e on the chosen member. Shape (B,), fp32.
+
+    The plain denoising (or velocity) regression of the model's own pretraining, with neither reference nor
+    rejected member: :func:`rwr` with uniform weights (τ → ∞). The preference recipe's baseline, and with
+    ``data.labels: random`` its no-label control.
+    """
+    return policy_chosen_errors.float()

@@ -14,6 +14,8 @@ as a single uninterrupted run with the same global batch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from accelerate import Accelerator
 
@@ -22,14 +24,24 @@ from mmalign.adapters import Adapter, score_of
 from mmalign.config import TrainConfig
 from mmalign.data import PairDataset, read_pairs, validate_media
 from mmalign.errors import UserError
-from mmalign.losses import PAIRWISE, get_loss
+from mmalign.losses import LossSpec, get_loss, names_for
 from mmalign.pairs import OnlinePool
 from mmalign.recipes import runtime
 from mmalign.recipes.runtime import PairStream, RunResult
 
-OBJECTIVES = (*PAIRWISE, "sft")
+# the `loss.name` values this recipe trains with, read from mmalign.losses.LOSSES
+OBJECTIVES = names_for("preference")
 
-__all__ = ["OBJECTIVES", "LatentCache", "PairStream", "RunResult", "build_batch", "preference_step", "train"]
+__all__ = [
+    "OBJECTIVES",
+    "LatentCache",
+    "PairStream",
+    "RewardShift",
+    "RunResult",
+    "build_batch",
+    "preference_step",
+    "train",
+]
 
 
 class LatentCache:
@@ -64,6 +76,49 @@ class LatentCache:
         return record.caption, chosen, rejected, record.label
 
 
+class RewardShift:
+    """BCO's reward shift δ (Jung et al., arXiv 2404.04656): the running mean of the implicit rewards β·r of
+    every chosen and every rejected sample trained on so far, over all processes.
+
+    The choices the paper leaves open, made here: δ is 0 for the first optimizer step; each step's whole
+    global batch joins the mean once that step's micro-batches are done, so step k trains with the mean over
+    the pairs of steps 1 … k − 1 (under accumulation a batch's mean is known only after its last micro-batch,
+    and this way accumulation and several processes give exactly the δ of one process); every pair weighs
+    the same (a cumulative mean, not an exponential one, which would add a decay the paper does not give).
+    Checkpoints carry δ (``state`` / ``load_state``), so a resumed run continues with the same δ.
+    """
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.value, self.count = 0.0, 0  # δ, and how many pairs it averages
+        self._sum, self._count = 0.0, 0  # this process's rewards of the current optimizer step
+
+    def observe(self, implicit_reward: torch.Tensor) -> None:
+        """Add one micro-batch's per-pair implicit rewards (β·r_w + β·r_l) / 2, shape (B,)."""
+        self._sum += float(implicit_reward.detach().double().sum())
+        self._count += implicit_reward.numel()
+
+    def step(self) -> None:
+        """Fold the current optimizer step's global batch into δ (collective: every process calls it).
+
+        A step whose rewards are not finite (its loss is not either: the run stops, or skips the step under
+        ``optim.skip_nonfinite``) leaves δ as it was."""
+        totals = torch.tensor([self._sum, self._count], dtype=torch.float64, device=self.accelerator.device)
+        total, count = self.accelerator.reduce(totals, reduction="sum").tolist()  # over all processes
+        self._sum, self._count = 0.0, 0
+        if not math.isfinite(total):
+            return
+        self.count += int(count)
+        self.value += (total - count * self.value) / self.count
+
+    # --- checkpoints
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {"value": torch.tensor([self.value], dtype=torch.float64)}, {"count": self.count}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.value, self.count = float(tensors["value"][0]), meta["count"]
+
+
 def build_batch(stream: PairStream, source, positions: list[int], cfg: TrainConfig, adapter: Adapter, device):
     """Stack the pairs at ``positions`` of ``source`` with their shared noise, timesteps and text condition."""
     captions, chosen, rejected, labels, noises, timesteps = [], [], [], [], [], []
@@ -88,17 +143,21 @@ def build_batch(stream: PairStream, source, positions: list[int], cfg: TrainConf
     }
 
 
-def preference_step(adapter: Adapter, model, reference, batch, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+def preference_step(
+    adapter: Adapter, model, reference, batch, cfg: TrainConfig, *, delta: float = 0.0
+) -> dict[str, torch.Tensor]:
     """Per-pair loss and diagnostics for one micro-batch.
 
     ``model``: the policy network (or its DDP wrapper); ``reference``: a callable giving a context in which
-    the reference network is available without gradients (``runtime.Policy.reference``).
+    the reference network is available without gradients (``runtime.Policy.reference``); ``delta``: the
+    running reward shift (``RewardShift.value``), for the losses that take one (bco_pair).
     """
     size = len(batch["captions"])
+    spec = get_loss(cfg.loss.name)
     condition = adapter.encode_prompts(batch["captions"])  # (B, L, D) and friends
-    if cfg.loss.name == "sft":
+    if spec.inputs == "chosen":
         errors = adapter.errors(model, batch["chosen"], batch["noise"], batch["timesteps"], condition)  # (B,)
-        return {"loss": errors, "policy_err_w": errors.detach()}
+        return {"loss": spec.fn(errors), "policy_err_w": errors.detach()}
     # Both members in one forward: same noise, same timestep, same caption within a pair.
     latents = torch.cat([batch["chosen"], batch["rejected"]])  # (2B, C, [F,] H, W)
     noise = torch.cat([batch["noise"], batch["noise"]])  # (2B, C, [F,] H, W)
@@ -111,7 +170,7 @@ def preference_step(adapter: Adapter, model, reference, batch, cfg: TrainConfig)
     pw, pl = score_of(policy[:size]), score_of(policy[size:])
     rw, rl = score_of(ref[:size]), score_of(ref[size:])
     beta = _beta(adapter, batch["timesteps"], cfg)
-    loss_fn, options = get_loss(cfg.loss.name), _loss_options(cfg)
+    loss_fn, options = spec.fn, _loss_options(cfg, spec, delta)
     out = loss_fn(pw, pl, rw, rl, beta=beta, **options)
     per_pair = out.loss
     label = batch["label"]
@@ -120,15 +179,20 @@ def preference_step(adapter: Adapter, model, reference, batch, cfg: TrainConfig)
         reverse = loss_fn(pl, pw, rl, rw, beta=beta, **options).loss
         per_pair = label * per_pair + (1 - label) * reverse
     margin = out.chosen_rewards - out.rejected_rewards
-    return {
+    stats = {
         "loss": per_pair,
         "implicit_acc": (margin > 0).float() + 0.5 * (margin == 0).float(),
         "reward_margin": margin,
+        # the mean of both members' β·r, symmetric in the pair (what BCO's δ averages)
+        "implicit_reward": 0.5 * (out.chosen_rewards + out.rejected_rewards),
         "policy_err_w": policy[:size].detach(),
         "policy_err_l": policy[size:].detach(),
         "ref_err_w": ref[:size],
         "ref_err_l": ref[size:],
     }
+    if "delta" in spec.state:
+        stats["reward_shift"] = torch.full((size,), float(delta), device=per_pair.device)  # δ used
+    return stats
 
 
 def _beta(adapter: Adapter, timesteps: torch.Tensor, cfg: TrainConfig):
@@ -140,18 +204,19 @@ def _beta(adapter: Adapter, timesteps: torch.Tensor, cfg: TrainConfig):
     return cfg.loss.beta * (1 - level) ** 2
 
 
-def _loss_options(cfg: TrainConfig) -> dict:
-    if cfg.loss.name == "dpo":
-        return {"label_smoothing": cfg.loss.label_smoothing}
-    if cfg.loss.name == "robust":
-        return {"label_noise": cfg.loss.label_noise}
-    return {}
+def _loss_options(cfg: TrainConfig, spec: LossSpec, delta: float) -> dict:
+    """The keyword arguments ``spec`` takes: its ``loss.*`` config keys and its running state."""
+    options = {key: getattr(cfg.loss, key) for key in spec.options}
+    if "delta" in spec.state:
+        options["delta"] = delta
+    return options
 
 
 def check_objective(cfg: TrainConfig) -> None:
     if cfg.loss.name not in OBJECTIVES:
         raise UserError(
-            f"`loss.name` {cfg.loss.name!r} is not a pairwise objective (accepted: {', '.join(OBJECTIVES)})"
+            f"`loss.name` {cfg.loss.name!r} is not an objective of the preference recipe "
+            f"(accepted: {', '.join(OBJECTIVES)})"
         )
 
 
@@ -200,6 +265,13 @@ def train(
     else:
         source = offline_pairs(cfg, adapter)
     policy = runtime.Policy(adapter, cfg, accelerator)
+    # BCO's δ, for the losses that take it; like an online pool, checkpoints carry it
+    shift = RewardShift(accelerator) if "delta" in get_loss(cfg.loss.name).state else None
+    extras = {}
+    if cfg.online.enabled:
+        extras["pool"] = source
+    if shift is not None:
+        extras["reward_shift"] = shift
     trained = f"LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "full fine-tuning"
     pairs = "online pairs" if cfg.online.enabled else f"{len(source)} pairs"
     run = runtime.Run(
@@ -208,7 +280,7 @@ def train(
         policy,
         describe=f"{cfg.loss.name} on {pairs} ({adapter.describe()}), {trained}",
         base_val_reward=base_val_reward,
-        extras={"pool": source} if cfg.online.enabled else None,
+        extras=extras,
         metrics_label=cfg.loss.name,
     )
 
@@ -222,10 +294,15 @@ def train(
             )
             with run.accumulate():
                 # 3. score reference and policy, 4. loss (mean over pairs, outside the log-sigmoid)
-                stats = preference_step(adapter, policy.model, policy.reference, batch, cfg)
+                delta = shift.value if shift is not None else 0.0
+                stats = preference_step(adapter, policy.model, policy.reference, batch, cfg, delta=delta)
                 # 5. backward and step
                 run.backward_and_step(stats["loss"].mean())
             run.record(stats)
+            if shift is not None:
+                shift.observe(stats["implicit_reward"])
+        if shift is not None:
+            shift.step()  # the step's whole global batch joins δ, for the steps after it
         # 6. log, 7. validate and keep the best, 8. checkpoint
         run.end_step(step + 1)
 
