@@ -195,7 +195,8 @@ class OptimConfig:
     max_steps: int = _spec(200, doc="Optimizer steps.", gt=0)
     batch_size: int = _spec(32, doc="Pairs per process per micro-batch.", gt=0)
     gradient_accumulation_steps: int = _spec(1, doc="Micro-batches per optimizer step.", gt=0)
-    lr: float = _spec(1e-3, doc="Peak learning rate.", gt=0)
+    # the optimizers take lr as a float32 scalar: a larger value overflows inside torch
+    lr: float = _spec(1e-3, doc="Peak learning rate.", gt=0, lt=3.4e38)
     lr_scheduler: str = _spec(
         "constant",
         doc="diffusers lr schedule name.",
@@ -264,7 +265,11 @@ class EvalConfig:
 
 @dataclass
 class ToyConfig:
-    enabled: bool = _spec(True, doc="Build the toy world's missing assets (base model, pair data) first.")
+    enabled: bool = _spec(
+        False,
+        doc="Run in the toy world: build its own missing assets first (the base at its asset folder, the pairs "
+        "inside output_dir) and train the no-label control.",
+    )
     world: str = _spec(
         "shapes",
         doc="Toy world of the prompts splits: shapes (still images) or moving_shapes (video clips).",
@@ -354,6 +359,10 @@ def load_config(path: str | None, overrides: list[str] = (), schema: type | None
             raise UserError(f"override {item!r}: {_first_line(err)}") from None
         _record_origin(extra, "command line", origin)
         tree = OmegaConf.to_container(OmegaConf.merge(tree, extra))
+    try:  # ${section.key} interpolations, after the overrides (data.path: ${output_dir}/data/pairs.parquet)
+        tree = OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
+    except OmegaConfBaseException as err:
+        raise UserError(f"{path or 'config'}: {_first_line(err)}") from None
     if schema is None:
         schema = _schema_of(tree, origin)
     errors: list[str] = []
@@ -376,7 +385,7 @@ def _schema_of(tree: dict, origin: dict) -> type:
 
 
 def _check_paths(config: RunConfig, origin: dict) -> list[str]:
-    """Inputs must exist, except those the toy world builds when they are missing."""
+    """Inputs must exist, except the toy world's own, which it builds when they are missing (``toy_builds``)."""
     errors = []
     wanted = [("model.path", config.model.path, os.path.isdir, "a pipeline folder")]
     if not config.online.enabled:  # online runs sample their pairs; data.path is not read
@@ -384,10 +393,14 @@ def _check_paths(config: RunConfig, origin: dict) -> list[str]:
     if config.data.image_root is not None:
         wanted.append(("data.image_root", config.data.image_root, os.path.isdir, "a folder"))
     for key, value, exists, what in wanted:
-        if config.toy.enabled and key in ("model.path", "data.path"):
+        if exists(value) or toy_builds(config, key):
             continue
-        if not exists(value):
-            errors.append(f"`{key}` must be {what}, got {value!r} ({origin.get(key, 'default')}): not found")
+        hint = ""
+        if config.toy.enabled and key in ("model.path", "data.path"):
+            hint = f" (the toy world builds only its own: {_toy_own(config, key)})"
+        errors.append(
+            f"`{key}` must be {what}, got {value!r} ({origin.get(key, 'default')}): not found{hint}"
+        )
     errors.extend(_check_output_dir(config.output_dir, origin.get("output_dir", "default")))
     if config.checkpoint.resume not in (None, "latest") and not os.path.isdir(config.checkpoint.resume):
         where = origin.get("checkpoint.resume", "config")
@@ -396,6 +409,37 @@ def _check_paths(config: RunConfig, origin: dict) -> list[str]:
             f"({where}): not found"
         )
     return errors
+
+
+# The toy world's own base model folder for each (model.kind, toy.world): the only model path it builds.
+TOY_BASES = {
+    ("diffusion", "shapes"): "assets/toy-t2i",
+    ("flow", "shapes"): "assets/toy-flow-t2i",
+    ("flow", "moving_shapes"): "assets/toy-video",
+}
+
+
+def toy_builds(config: RunConfig, key: str) -> bool:
+    """Whether the toy world builds the missing input at ``key``: only when the config asks for the toy world
+    (``toy.enabled``) and the path is the toy's own — its base's asset folder, or pair data inside
+    ``output_dir`` — so a typo never starts a long job or writes outside the run directory."""
+    if not config.toy.enabled:
+        return False
+    if key == "model.path":
+        own = TOY_BASES.get((config.model.kind, config.toy.world))
+        return own is not None and os.path.abspath(config.model.path) == os.path.abspath(own)
+    if key == "data.path":
+        run_dir = os.path.abspath(config.output_dir)
+        path = os.path.abspath(config.data.path)
+        return config.data.format == "pickapic" and os.path.commonpath([run_dir, path]) == run_dir != path
+    return False
+
+
+def _toy_own(config: RunConfig, key: str) -> str:
+    if key == "model.path":
+        own = TOY_BASES.get((config.model.kind, config.toy.world))
+        return f"the base at {own}" if own else f"no base for model.kind {config.model.kind!r}"
+    return f"Pick-a-Pic pairs inside output_dir {config.output_dir!r}"
 
 
 def _check_output_dir(path: str, where: str) -> list[str]:

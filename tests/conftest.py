@@ -16,6 +16,10 @@ from mmalign.adapters import diffusion
 from mmalign.data.pickapic import write_pickapic_parquet
 from mmalign.toy import text
 
+# The defaults name the toy world's own inputs (its base, its pairs inside the default run directory): a
+# config loaded from the defaults alone, only to be inspected, asks for the toy world so they need not exist.
+TOY = "toy.enabled=true"
+
 # A training run that stays offline and quiet: no toy assets, no validation or evaluation, no progress bar.
 QUIET_RUN = [
     "toy.enabled=false",

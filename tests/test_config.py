@@ -1,13 +1,10 @@
 """Strict config loading: every problem reported together, with key path and origin."""
 
 import pytest
+from conftest import TOY
 
 from mmalign.config import TrainConfig, describe, load_config, to_yaml
 from mmalign.errors import UserError
-
-# The default paths are the toy world's own (its base, its pairs inside the default run directory), which it
-# builds where they are missing: with it on, the defaults load without those inputs on disk.
-TOY = "toy.enabled=true"
 
 
 def write(tmp_path, text: str) -> str:

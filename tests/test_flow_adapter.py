@@ -22,7 +22,7 @@ import os
 import pytest
 import tiny_flow
 import torch
-from conftest import run_overrides
+from conftest import TOY, run_overrides
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from mmalign import adapters
@@ -53,7 +53,7 @@ def video_pairs(tmp_path_factory) -> dict[str, str]:
 
 
 def load_adapter(path: str, family: str, *overrides: str):
-    cfg = load_config(None, [f"model.path={path}", *tiny_flow.media_overrides(family), *overrides])
+    cfg = load_config(None, [TOY, f"model.path={path}", *tiny_flow.media_overrides(family), *overrides])
     return adapters.load(cfg.model, timesteps=cfg.timesteps), cfg
 
 
@@ -193,7 +193,7 @@ def test_pair_members_and_reference_share_sigma_noise_and_caption(flow_pipelines
         "noise": noise,
         "timesteps": timesteps,
     }
-    cfg = load_config(None, ["loss.beta=100"])
+    cfg = load_config(None, [TOY, "loss.beta=100"])
     recorder = Calls(network)
     try:
         stats = preference.preference_step(
@@ -261,7 +261,7 @@ def test_constant_and_weighted_beta(flow_pipelines):
     reference = functools.partial(runtime.reference_of, network, None)
     out = {}
     for schedule in ("constant", "weighted"):
-        cfg = load_config(None, ["loss.beta=100", f"loss.beta_schedule={schedule}"])
+        cfg = load_config(None, [TOY, "loss.beta=100", f"loss.beta_schedule={schedule}"])
         out[schedule] = preference.preference_step(adapter, network, reference, batch, cfg)
     stats = out["constant"]
     pw, pl = -0.5 * stats["policy_err_w"], -0.5 * stats["policy_err_l"]
@@ -382,7 +382,7 @@ def test_a_unet_folder_given_to_the_flow_adapter_names_the_kind(pixel_pipeline):
 
 
 def test_a_transformer_folder_given_to_the_diffusion_adapter_names_the_kind(flow_pipelines):
-    cfg = load_config(None, [f"model.path={flow_pipelines['wan']}"])
+    cfg = load_config(None, [TOY, f"model.path={flow_pipelines['wan']}"])
     with pytest.raises(UserError, match="holds a transformer .*model.kind=flow"):
         adapters.load(cfg.model)
 

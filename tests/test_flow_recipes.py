@@ -12,7 +12,7 @@ import pytest
 import tiny_flow
 import torch
 from _distributed_worker import float64_recipe
-from conftest import QUIET_RUN
+from conftest import QUIET_RUN, TOY
 from safetensors.torch import load_file
 
 from mmalign import checkpoint
@@ -160,7 +160,7 @@ class _Pool(OnlinePool):
 
     def __init__(self, per_group: int):
         self.per_group = per_group
-        self.cfg = load_config(None, [])
+        self.cfg = load_config(None, [TOY])
 
 
 def test_online_pool_prefers_the_best_over_the_worst_and_skips_ties():
@@ -259,14 +259,14 @@ def test_step_weights_are_the_softmax_over_the_global_batch_and_a_shuffle_for_th
         rewards = torch.tensor([0.2, 0.9, 0.4, 0.7])
 
     stream = preference.PairStream(4, seed=0)
-    cfg = load_config(None, ["recipe=rwr", "rwr.temperature=0.1"])
+    cfg = load_config(None, [TOY, "recipe=rwr", "rwr.temperature=0.1"])
     positions = [0, 1, 2, 3]
     order = [stream.pair_index(p) for p in positions]
     weights = rwr.step_weights(stream, Source(), positions, cfg, step=0)
     expected = rwr_weights(Source.rewards[order], temperature=0.1)
     torch.testing.assert_close(weights, expected)
     assert float(weights.sum()) == pytest.approx(4.0)
-    control = load_config(None, ["recipe=rwr", "rwr.temperature=0.1", "data.labels=random"])
+    control = load_config(None, [TOY, "recipe=rwr", "rwr.temperature=0.1", "data.labels=random"])
     shuffled = rwr.step_weights(stream, Source(), positions, control, step=0)
     assert sorted(shuffled.tolist()) == pytest.approx(sorted(weights.tolist()))
     assert not torch.allclose(shuffled, weights)
