@@ -141,3 +141,16 @@ def pairs_parquet(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("data") / "pairs.parquet"
     write_pickapic_parquet(str(path), rows)
     return str(path)
+
+
+@pytest.fixture
+def config_file(tmp_path, pixel_pipeline, pairs_parquet) -> str:
+    """A good config file: the tiny pixel pipeline, its 16 Pick-a-Pic pairs, LoRA DPO; writes to tmp/run."""
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"output_dir: {tmp_path / 'run'}\n"
+        f"model:\n  path: {pixel_pipeline}\n"
+        f"data:\n  format: pickapic\n  path: {pairs_parquet}\n"
+        "loss:\n  name: dpo\n  beta: 5000\n"
+    )
+    return str(path)

@@ -44,3 +44,46 @@ def test_every_registered_adapter_implements_the_protocol():
         missing = sorted(name for name in wanted if not hasattr(adapter, name) and name != "network")
         assert not missing, f"{adapter.__name__} lacks {missing}"
         assert isinstance(adapter.__dict__.get("network"), property), f"{adapter.__name__}.network"
+
+
+ROOT = os.path.dirname(PACKAGE)
+
+
+def python_files(*folders: str):
+    for folder in folders:
+        for base, _, names in os.walk(os.path.join(ROOT, folder)):
+            yield from (os.path.join(base, name) for name in sorted(names) if name.endswith(".py"))
+
+
+def called_names(path: str) -> set[str]:
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    calls = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            calls.add(func.id if isinstance(func, ast.Name) else getattr(func, "attr", ""))
+    return calls
+
+
+def test_one_builder_makes_the_small_tokenizers_and_clip_text_towers():
+    """Tests, benchmarks and the toy world build word-level tokenizers and CLIP text towers in one place."""
+    builders = {"CLIPTextConfig", "Tokenizer", "WordLevel"}
+    makers = {
+        os.path.relpath(path, ROOT)
+        for path in python_files("mmalign", "tests", "benchmarks")
+        if called_names(path) & builders
+    }
+    assert makers == {"mmalign/toy/text.py"}
+
+
+def test_the_global_batch_is_computed_once():
+    """micro-batch × accumulation × processes lives in runtime.global_batch; everything else calls it."""
+    spelled = []
+    for path in python_files("mmalign"):
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                if "num_processes" in line and "*" in line and "def global_batch" not in line:
+                    spelled.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()}")
+    assert [entry.split(":", 1)[0] for entry in spelled] == ["mmalign/recipes/runtime.py"], spelled
+    assert "return cfg.optim.batch_size * cfg.optim.gradient_accumulation_steps" in spelled[0]

@@ -16,6 +16,8 @@ from conftest import QUIET_RUN, build_pipeline, png
 from mmalign.cli import main
 from mmalign.data.pickapic import write_pickapic_parquet
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
 QUICK = [
     *QUIET_RUN,
     "optim.max_steps=1",
@@ -23,17 +25,16 @@ QUICK = [
 ]
 
 
-@pytest.fixture
-def config_file(tmp_path, pixel_pipeline, pairs_parquet) -> str:
-    """A good config: the tiny pixel pipeline and 16 Pick-a-Pic pairs."""
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        f"output_dir: {tmp_path / 'run'}\n"
-        f"model:\n  path: {pixel_pipeline}\n"
-        f"data:\n  format: pickapic\n  path: {pairs_parquet}\n"
-        "loss:\n  name: dpo\n  beta: 5000\n"
-    )
-    return str(path)
+@pytest.fixture(autouse=True)
+def empty_working_directory(tmp_path_factory, monkeypatch):
+    """Each case runs from an empty folder, which must stay empty: a refused run leaves no partial files behind
+    (relative defaults such as runs/quickstart would land here). Cases on the shipped configs chdir to the
+    repository instead and check their paths themselves."""
+    folder = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(folder)
+    yield
+    if os.path.samefile(os.getcwd(), folder):
+        assert os.listdir(folder) == [], "a refused run wrote files outside its output_dir"
 
 
 def run(capsys, *argv: str) -> tuple[int, list[str]]:
@@ -157,10 +158,6 @@ def test_missing_model_path(capsys, tmp_path, config_file):
     line = one_error(capsys, *train(config_file, "model.path=/nonexistent"))
     assert "`model.path`" in line and "'/nonexistent'" in line and "pipeline folder" in line
     assert not os.path.exists(tmp_path / "run"), "a config error must stop before anything is written"
-
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
 
 
 def test_a_typo_in_the_quickstart_model_path_starts_no_toy_pretraining(capsys, tmp_path, monkeypatch):
@@ -303,7 +300,7 @@ def flow_train(pipeline: str, data: str, out, *overrides: str) -> list[str]:
 
     return [
         "train",
-        "configs/quickstart.yaml",
+        QUICKSTART,
         *QUICK,
         f"model.path={pipeline}",
         f"data.path={data}",
@@ -335,7 +332,7 @@ def test_a_transformer_folder_with_the_diffusion_kind_names_the_kind(
     capsys, tmp_path, wan_folder, pairs_parquet
 ):
     argv = train(
-        "configs/quickstart.yaml",
+        QUICKSTART,
         f"model.path={wan_folder}",
         f"data.path={pairs_parquet}",
         f"output_dir={tmp_path / 'run'}",

@@ -29,19 +29,6 @@ from mmalign.cli import main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def config_file(tmp_path, pixel_pipeline, pairs_parquet) -> str:
-    """The tiny pixel pipeline and 16 Pick-a-Pic pairs, DPO, quiet and offline."""
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        f"output_dir: {tmp_path / 'run'}\n"
-        f"model:\n  path: {pixel_pipeline}\n"
-        f"data:\n  format: pickapic\n  path: {pairs_parquet}\n"
-        "loss:\n  name: dpo\n  beta: 5000\n"
-    )
-    return str(path)
-
-
 def metrics(out) -> list[dict]:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -130,7 +130,7 @@ def test_two_processes_give_bco_pair_the_reward_shift_of_one_process(pixel_pipel
 def test_toy_pairs_are_built_once_under_two_processes(tmp_path):
     """``mmalign train`` under torchrun: rank 0 samples the missing toy pairs while rank 1 waits, then rank 1
     finds them built (one "built" line), and both train on the same file."""
-    data = tmp_path / "data" / "pairs.parquet"
+    data = tmp_path / "run" / "data" / "pairs.parquet"  # the quickstart's data.path: inside output_dir
     stdout = torchrun(
         2,
         [
@@ -139,7 +139,6 @@ def test_toy_pairs_are_built_once_under_two_processes(tmp_path):
             "train",
             os.path.join(ROOT, "configs", "quickstart.yaml"),
             f"output_dir={tmp_path / 'run'}",
-            f"data.path={data}",
             "toy.samples_per_prompt=2",
             "toy.pairs_per_prompt=1",
             "toy.control=false",

@@ -89,17 +89,20 @@ def base_unet(pipeline: str) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet", local_files_only=True)
 
 
+def with_lora(unet: UNet2DConditionModel, cfg) -> UNet2DConditionModel:
+    """``unet`` with the LoRA of ``cfg.lora`` added (initialised from the global RNG)."""
+    lora = cfg.lora
+    diffusion.add_lora(
+        unet, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules
+    )
+    return unet
+
+
 def initial_lora(pipeline: str, cfg) -> dict[str, torch.Tensor]:
     """The LoRA a run starts from: the recipe seeds the global RNG with optim.seed right before add_lora."""
     unet = base_unet(pipeline)
     torch.manual_seed(cfg.optim.seed)
-    diffusion.add_lora(
-        unet,
-        rank=cfg.lora.rank,
-        alpha=cfg.lora.alpha,
-        dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
-    )
+    with_lora(unet, cfg)
     return {name: p.detach().clone() for name, p in unet.named_parameters() if "lora_" in name}
 
 
@@ -543,14 +546,7 @@ def bco_config(pipeline: str, data: str, out, *overrides: str):
 
 def policy_after(pipeline: str, cfg, step: int) -> UNet2DConditionModel:
     """The policy UNet as the run's checkpoint of optimizer step ``step`` holds it."""
-    unet = diffusion.load_components(pipeline).unet
-    diffusion.add_lora(
-        unet,
-        rank=cfg.lora.rank,
-        alpha=cfg.lora.alpha,
-        dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
-    )
+    unet = with_lora(diffusion.load_components(pipeline).unet, cfg)
     checkpoint.load_weights(os.path.join(cfg.output_dir, "checkpoints", f"step-{step}"), unet)
     return unet
 
