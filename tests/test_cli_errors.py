@@ -15,6 +15,7 @@ from conftest import QUIET_RUN, build_pipeline, png
 
 from mmalign.cli import main
 from mmalign.data.pickapic import write_pickapic_parquet
+from mmalign.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
@@ -149,6 +150,27 @@ def test_an_unsupported_launch_backend_is_refused_before_it_can_hang(
     line = one_error(capsys, *train(config_file))
     assert named in line and "fsdp2.yaml" in line
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_the_launch_backend_is_checked_once_per_launch(monkeypatch):
+    """The CLI checks the launch before it builds anything and the recipe's accelerator builder would check it
+    again: a launch already approved is not examined a second time; a different one is."""
+    from mmalign.recipes import runtime
+
+    examined = []
+    original = runtime._check_zero
+    monkeypatch.setattr(runtime, "_check_zero", lambda *a: (examined.append(a), original(*a)))
+    monkeypatch.setattr(runtime, "_approved_launches", set())
+    zero2 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    runtime.check_backend(zero2)
+    runtime.check_backend(dict(zero2))
+    assert len(examined) == 1
+    runtime.check_backend({**zero2, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"})
+    assert len(examined) == 2
+    with pytest.raises(UserError, match="ZERO_STAGE=3"):  # a refused launch is never remembered as approved
+        runtime.check_backend({**zero2, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    with pytest.raises(UserError, match="ZERO_STAGE=3"):
+        runtime.check_backend({**zero2, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
 
 
 # ------------------------------------------------------------------------------------------ model
