@@ -13,6 +13,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,6 +179,30 @@ def test_latest_and_prune_count_only_complete_checkpoints(tmp_path):
     assert sorted(os.listdir(ckpt)) == ["step-2", "step-3", "step-4.tmp"]
     assert checkpoint.load(str(ckpt / "step-2"), module=module, optimizer=optimizer) == {"step": 2}
     assert checkpoint.latest(str(tmp_path / "none")) is None
+
+
+def scalar_steps(out, tag: str) -> list[int]:
+    """The steps of ``tag`` in the run's TensorBoard events, as TensorBoard itself reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
+def test_tensorboard_after_a_resume_holds_each_step_once(config_file, tmp_path):
+    """Killed after logging steps 3 and 4 but before the step-4 checkpoint was complete: the resumed run
+    logs 3 and 4 again, and the first attempt's events after step 2 are purged, as metrics.jsonl's rows are."""
+    out = tmp_path / "run"
+    run = [*QUIET_RUN, "log.tensorboard=true", "optim.max_steps=4", "optim.batch_size=2", "log.every=1"]
+    run += ["checkpoint.every=2", "checkpoint.resume=latest"]
+    assert main(["train", config_file, *run]) == 0
+    shutil.rmtree(out / "checkpoints" / "step-4")  # as if the run died inside that write
+    assert main(["train", config_file, *run]) == 0
+    assert scalar_steps(out, "loss") == [1, 2, 3, 4]
+    assert [row["step"] for row in metrics(out)] == [1, 2, 3, 4]
+    assert main(["train", config_file, *run, "checkpoint.resume=null"]) == 0  # a fresh start replaces all
+    assert scalar_steps(out, "loss") == [1, 2, 3, 4]
 
 
 # -------------------------------------------------------------------------------------------- NaN/inf

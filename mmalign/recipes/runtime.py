@@ -388,7 +388,9 @@ class Run:
         if self.is_main and cfg.log.progress:
             resumed = f", resuming at step {self.start_step}" if self.start_step else ""
             print(f"{describe}, {self._launch()}, {cfg.optim.max_steps} steps{resumed}", flush=True)
-        self.writer = _tensorboard(self.out_dir) if (self.is_main and cfg.log.tensorboard) else None
+        self.writer = (
+            _tensorboard(self.out_dir, self.start_step) if (self.is_main and cfg.log.tensorboard) else None
+        )
         # a bar on a terminal; in a log file (not a terminal) one line per metrics row instead of every redraw
         self.show = self.is_main and cfg.log.progress
         self.lines = self.show and not sys.stderr.isatty()
@@ -712,7 +714,9 @@ def _truncate_metrics(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _tensorboard(out_dir: str):
+def _tensorboard(out_dir: str, start_step: int):
+    """The run's TensorBoard writer. Events an earlier attempt logged after the checkpoint this run starts from
+    (after ``start_step``; all of them on a fresh start) are purged, as ``metrics.jsonl``'s rows are."""
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(os.path.join(out_dir, "tensorboard"))
+    return SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start_step + 1 if start_step else 0)
