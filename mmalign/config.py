@@ -426,7 +426,7 @@ def toy_builds(config: RunConfig, key: str) -> bool:
     if not config.toy.enabled:
         return False
     if key == "model.path":
-        own = TOY_BASES.get((config.model.kind, config.toy.world))
+        own = _toy_base(config)
         return own is not None and os.path.abspath(config.model.path) == os.path.abspath(own)
     if key == "data.path":
         run_dir = os.path.abspath(config.output_dir)
@@ -435,9 +435,14 @@ def toy_builds(config: RunConfig, key: str) -> bool:
     return False
 
 
+def _toy_base(config: RunConfig) -> str | None:
+    return TOY_BASES.get((config.model.kind, config.toy.world))
+
+
 def _toy_own(config: RunConfig, key: str) -> str:
+    """What the toy world builds for ``key``, for the error message."""
     if key == "model.path":
-        own = TOY_BASES.get((config.model.kind, config.toy.world))
+        own = _toy_base(config)
         return f"the base at {own}" if own else f"no base for model.kind {config.model.kind!r}"
     return f"Pick-a-Pic pairs inside output_dir {config.output_dir!r}"
 

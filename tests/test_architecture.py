@@ -15,11 +15,15 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MODALITY_MODULES = {f"mmalign.adapters.{name}" for name in ("diffusion", "flow")}
 
 
-def imported_modules(path: str) -> set[str]:
+def nodes(path: str):
+    """Every node of the syntax tree of the Python file ``path``."""
     with open(path) as f:
-        tree = ast.parse(f.read())
+        yield from ast.walk(ast.parse(f.read()))
+
+
+def imported_modules(path: str) -> set[str]:
     names = set()
-    for node in ast.walk(tree):
+    for node in nodes(path):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -56,14 +60,8 @@ def python_files(*folders: str):
 
 
 def called_names(path: str) -> set[str]:
-    with open(path) as f:
-        tree = ast.parse(f.read())
-    calls = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            func = node.func
-            calls.add(func.id if isinstance(func, ast.Name) else getattr(func, "attr", ""))
-    return calls
+    calls = [node.func for node in nodes(path) if isinstance(node, ast.Call)]
+    return {func.id if isinstance(func, ast.Name) else getattr(func, "attr", "") for func in calls}
 
 
 def test_one_builder_makes_the_small_tokenizers_and_clip_text_towers():

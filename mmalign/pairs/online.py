@@ -124,13 +124,10 @@ class OnlinePool:
         prompts and seeds, the sampler, the reward, the media size and the launch."""
         path = os.path.abspath(self.cfg.model.path)
         files = tuple(
-            (
-                os.path.join(root, name),
-                os.stat(os.path.join(root, name)).st_size,
-                os.stat(os.path.join(root, name)).st_mtime_ns,
-            )
+            (file, stat.st_size, stat.st_mtime_ns)
             for root, _, names in sorted(os.walk(path))
-            for name in sorted(names)
+            for file in (os.path.join(root, name) for name in sorted(names))
+            for stat in (os.stat(file),)
         )
         online, sampling = self.cfg.online, self.cfg.sampling
         return (
