@@ -40,6 +40,18 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("config", nargs="?")
     config.add_argument("overrides", nargs="*")
 
+    pairs = commands.add_parser("pairs", help="build training data")
+    pair_commands = pairs.add_subparsers(dest="pairs_command", required=True)
+    tpo = pair_commands.add_parser(
+        "tpo",
+        help="add a mismatched caption to every captioned image of the config's data (TPO), as captions parquet",
+    )
+    tpo.add_argument("config", help="YAML config with recipe: tpo (its data and tpo sections are read)")
+    tpo.add_argument("overrides", nargs="*")
+    tpo.add_argument(
+        "--out", required=True, help="parquet file to write (train it with tpo.perturber=column)"
+    )
+
     toy = commands.add_parser("toy", help="toy-world assets")
     toy_commands = toy.add_subparsers(dest="toy_command", required=True)
     base = toy_commands.add_parser("build-base", help="pretrain the toy text-to-image base model (≈10 min)")
@@ -95,6 +107,8 @@ def _run(args: argparse.Namespace) -> int:
         base_model.main(["--out", args.out, "--seed", str(args.seed)])
         return 0
     cfg = load_config(args.config, args.overrides)
+    if args.command == "pairs":
+        return _pairs_tpo(cfg, args.out)
     if args.command == "train":
         return _train(cfg)
     return _eval(cfg, args.final)
@@ -119,7 +133,7 @@ def _train(cfg) -> int:
         with state.main_process_first():
             assets.ensure_base(cfg)
             if not cfg.online.enabled:
-                assets.ensure_pairs(cfg)
+                assets.ensure_data(cfg)
     train = recipe(cfg.recipe)
     result = train(cfg)
     runs = {"aligned": result.output_dir}
@@ -144,20 +158,39 @@ def _train(cfg) -> int:
     return 0
 
 
+def _pairs_tpo(cfg, out: str) -> int:
+    from mmalign.data.captioned import write_captioned_parquet
+    from mmalign.recipes import kto, tpo
+
+    if cfg.recipe != "tpo":
+        raise UserError(f"`mmalign pairs tpo` reads a config with recipe: tpo, got recipe {cfg.recipe!r}")
+    if cfg.tpo.perturber == "column":
+        raise UserError("`tpo.perturber` must be rules or llm to build mismatched captions, got 'column'")
+    records = kto.read_captioned_data(cfg, require_label=False)
+    rows = tpo.mismatched_captions(cfg, records)
+    write_captioned_parquet(out, rows, label_column=cfg.data.label_column)
+    print(f"wrote {len(rows)} captioned images with mismatched captions ({tpo.family_counts(rows)}) -> {out}")
+    return 0
+
+
 def _objective(cfg) -> str:
+    if cfg.recipe == "tpo":
+        return {"kto": "TKTO", "sft": "sft"}.get(cfg.loss.name, f"TDPO ({cfg.loss.name})")
     return cfg.loss.name if cfg.recipe == "preference" else cfg.recipe
 
 
 def _control_config(cfg):
     """Same base, same samples, same budget and selection — but the labels are thrown away: plain fine-tuning
-    on a random member of each pair (preference), or rewards shuffled within the batch (rwr)."""
+    on a random member of each pair (preference), rewards shuffled within the batch (rwr), coin-flip labels
+    (kto), or — TPO's own baseline — plain fine-tuning on the captioned images without mismatched captions."""
     changes = {}
-    if cfg.recipe == "preference":
+    if cfg.recipe in ("preference", "tpo"):
         changes["loss"] = dataclasses.replace(cfg.loss, name="sft")
+    if cfg.recipe != "tpo":  # TPO's control is supervised fine-tuning on the same correctly captioned images
+        changes["data"] = dataclasses.replace(cfg.data, labels="random")
     return dataclasses.replace(
         cfg,
         output_dir=os.path.join(cfg.output_dir, "control"),
-        data=dataclasses.replace(cfg.data, labels="random"),
         eval=dataclasses.replace(cfg.eval, enabled=False),
         toy=dataclasses.replace(cfg.toy, control=False),
         checkpoint=dataclasses.replace(cfg.checkpoint, resume=None),

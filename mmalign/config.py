@@ -85,8 +85,18 @@ class LoraConfig:
 class DataConfig:
     format: str = _spec(
         "pickapic",
-        doc="Pair source format: Pick-a-Pic parquet, datasets folder, JSONL + images, VideoGen-RewardBench CSV.",
-        choices=("pickapic", "hf_disk", "jsonl", "videogen_csv", "scored_jsonl"),
+        doc="Data format: pairs (Pick-a-Pic parquet, datasets folder, JSONL + images, VideoGen-RewardBench CSV), "
+        "scored samples (scored_jsonl, recipe rwr) or captioned images (captions_parquet, captions_jsonl: recipes "
+        "tpo and kto).",
+        choices=(
+            "pickapic",
+            "hf_disk",
+            "jsonl",
+            "videogen_csv",
+            "scored_jsonl",
+            "captions_parquet",
+            "captions_jsonl",
+        ),
     )
     path: str = _spec(
         "runs/quickstart/data/pairs.parquet", doc="Parquet file/folder, dataset folder, JSONL or CSV."
@@ -104,6 +114,11 @@ class DataConfig:
     frame_stride: int = _spec(1, doc="Video data: keep every k-th frame.", gt=0)
     reward_column: str = _spec(
         "reward", doc="scored_jsonl (recipe rwr): the key holding each sample's reward."
+    )
+    label_column: str = _spec(
+        "label",
+        doc="captions_parquet / captions_jsonl: the column or key of thumbs-up / thumbs-down labels (recipe kto; "
+        "true / false or 1 / 0).",
     )
     ties: str = _spec(
         "drop", doc="Pairs with label_0 = 0.5: drop, or keep as soft labels.", choices=("drop", "keep")
@@ -188,6 +203,40 @@ class RWRConfig:
         doc="τ of the weights w = G·softmax(r/τ) over the G samples of each global batch (Flow-RWR, arXiv 2501.13918).",
         gt=0,
     )
+
+
+@dataclass
+class TPOConfig:
+    perturber: str = _spec(
+        "rules",
+        doc="Where each image's mismatched caption comes from: rules (lexicon swaps, no model), llm (a local "
+        "causal LM at tpo.llm_path, validated, falling back to the rules) or column (perturbed_caption in the "
+        "data, as `mmalign pairs tpo` writes it).",
+        choices=("rules", "llm", "column"),
+    )
+    families: list[str] = _spec(
+        ["content", "attributes", "relations", "context"],
+        doc="Perturbation families drawn from (TPO, arXiv 2509.25771): content (objects, counts), attributes "
+        "(colour, material, size, style), relations (spatial, motion), context (setting, weather, light, time).",
+    )
+    llm_path: str | None = _spec(None, doc="perturber llm: a local transformers causal LM folder.")
+    unperturbable: str = _spec(
+        "skip",
+        doc="A caption no rule of tpo.families can perturb: skip it (reported with its row) or fail.",
+        choices=("skip", "fail"),
+    )
+
+
+@dataclass
+class KTOConfig:
+    reference_point: str = _spec(
+        "batch_mean",
+        doc="KTO's reference point z (Diffusion-KTO, arXiv 2404.04465): batch_mean of the implicit rewards, or "
+        "mismatched (captions rolled by one within the batch); averaged over processes, clamped ≥ 0, detached.",
+        choices=("batch_mean", "mismatched"),
+    )
+    desirable_weight: float = _spec(1.0, doc="λ_D, the weight of desirable samples.", gt=0)
+    undesirable_weight: float = _spec(1.0, doc="λ_U, the weight of undesirable samples.", gt=0)
 
 
 @dataclass
@@ -285,7 +334,22 @@ class ToyConfig:
         ge=1,
     )
     control: bool = _spec(
-        True, doc="Also train the no-label control (random member of each pair, same budget)."
+        True,
+        doc="Also train the control on the same data and budget: no labels (preference: a random member of "
+        "each pair; rwr: shuffled rewards; kto: random labels) or, for recipe tpo, plain supervised fine-tuning "
+        "on the correctly captioned images.",
+    )
+    images_per_prompt: int = _spec(
+        4,
+        doc="Captioned toy data: images per training caption — true renders (recipe tpo) or base samples "
+        "labelled by the toy reward (recipe kto).",
+        gt=0,
+    )
+    feedback_threshold: float = _spec(
+        0.7,
+        doc="Recipe kto's toy data: a base sample is thumbs-up when its toy reward is at least this.",
+        ge=0,
+        le=1,
     )
 
 
@@ -324,8 +388,50 @@ class RWRTrainConfig(RunConfig):
     rwr: RWRConfig = field(default_factory=RWRConfig)
 
 
+@dataclass
+class TPOLossConfig(LossConfig):
+    name: str = _spec(
+        "dpo",
+        doc="TDPO with a pairwise loss (dpo, ipo, hinge, robust: the image with its caption is chosen, with the "
+        "mismatched caption rejected), TKTO (kto: desirable and undesirable captions), or sft (plain "
+        "fine-tuning on the captioned images: TPO's control).",
+        choices=names_for("tpo"),
+    )
+
+
+@dataclass
+class KTOLossConfig(LossConfig):
+    name: str = _spec(
+        "kto", doc="Diffusion-KTO on thumbs-up / thumbs-down samples.", choices=names_for("kto")
+    )
+
+
+@dataclass
+class TPOTrainConfig(RunConfig):
+    """``recipe: tpo``: TDPO / TKTO on captioned images and mismatched captions — no image pairs, no reward."""
+
+    recipe: str = _spec("tpo", doc="Training recipe.", choices=("tpo",))
+    loss: TPOLossConfig = field(default_factory=TPOLossConfig)
+    tpo: TPOConfig = field(default_factory=TPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
+
+
+@dataclass
+class KTOTrainConfig(RunConfig):
+    """``recipe: kto``: Diffusion-KTO on unpaired thumbs-up / thumbs-down images (caption, image, label)."""
+
+    recipe: str = _spec("kto", doc="Training recipe.", choices=("kto",))
+    loss: KTOLossConfig = field(default_factory=KTOLossConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
+
+
 # the config schema of each recipe, chosen by the top-level `recipe` key
-SCHEMAS: dict[str, type] = {"preference": TrainConfig, "rwr": RWRTrainConfig}
+SCHEMAS: dict[str, type] = {
+    "preference": TrainConfig,
+    "rwr": RWRTrainConfig,
+    "tpo": TPOTrainConfig,
+    "kto": KTOTrainConfig,
+}
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -431,8 +537,16 @@ def toy_builds(config: RunConfig, key: str) -> bool:
     if key == "data.path":
         run_dir = os.path.abspath(config.output_dir)
         path = os.path.abspath(config.data.path)
-        return config.data.format == "pickapic" and os.path.commonpath([run_dir, path]) == run_dir != path
+        return (
+            config.data.format == _toy_format(config)
+            and os.path.commonpath([run_dir, path]) == run_dir != path
+        )
     return False
+
+
+def _toy_format(config: RunConfig) -> str:
+    """The format of the data the toy world builds for a recipe: pairs, or captioned images."""
+    return "captions_parquet" if getattr(config, "recipe", "preference") in ("tpo", "kto") else "pickapic"
 
 
 def _toy_base(config: RunConfig) -> str | None:
@@ -444,7 +558,8 @@ def _toy_own(config: RunConfig, key: str) -> str:
     if key == "model.path":
         own = _toy_base(config)
         return f"the base at {own}" if own else f"no base for model.kind {config.model.kind!r}"
-    return f"Pick-a-Pic pairs inside output_dir {config.output_dir!r}"
+    what = "captioned images (captions_parquet)" if _toy_format(config) != "pickapic" else "Pick-a-Pic pairs"
+    return f"{what} inside output_dir {config.output_dir!r}"
 
 
 def _check_output_dir(path: str, where: str) -> list[str]:

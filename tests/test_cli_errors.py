@@ -400,3 +400,83 @@ def test_an_output_dir_that_is_a_file_is_refused_before_any_work(capsys, tmp_pat
     assert "`output_dir` must be a folder" in line and str(blocker) in line
     line = one_error(capsys, *train(config_file, f"output_dir={blocker}/run"))
     assert "cannot be created" in line and str(blocker) in line
+
+
+# ------------------------------------------------------------------------------- captioned images (tpo, kto)
+
+
+def captions_table(path, **columns) -> str:
+    table = {"caption": ["a red circle on the left", "abstract art"], "image": [png([200, 10, 10])] * 2}
+    table.update(columns)
+    pq.write_table(pa.table({k: v for k, v in table.items() if v is not None}), path)
+    return str(path)
+
+
+def tpo_argv(pixel_pipeline, data, tmp_path, *overrides: str) -> list[str]:
+    """A `mmalign train` of recipe tpo (or kto) with no config file, on the tiny pipeline."""
+    config = tmp_path / "tpo.yaml"
+    config.write_text("recipe: tpo\n")
+    return train(
+        str(config),
+        f"model.path={pixel_pipeline}",
+        f"data.path={data}",
+        f"output_dir={tmp_path / 'run'}",
+        "data.format=captions_parquet",
+        *overrides,
+    )
+
+
+def test_a_caption_the_rules_cannot_perturb_names_its_row_when_it_fails(capsys, tmp_path, pixel_pipeline):
+    data = captions_table(tmp_path / "c.parquet")
+    line = one_error(
+        capsys,
+        *tpo_argv(pixel_pipeline, data, tmp_path, "tpo.families=[relations]", "tpo.unperturbable=fail"),
+    )
+    assert line == (
+        f"mmalign: error: {data} row 1: column caption: caption 'abstract art' cannot be perturbed by the "
+        "families relations (tpo.unperturbable: fail; use skip to leave such rows out)"
+    )
+
+
+def test_a_caption_the_rules_cannot_perturb_is_skipped_and_reported(capsys, tmp_path, pixel_pipeline):
+    data = captions_table(tmp_path / "c.parquet")
+    code = main(tpo_argv(pixel_pipeline, data, tmp_path, "tpo.families=[relations]"))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert (
+        f"skipped 1 of 2 captions no rule of relations can perturb (first: {data} row 1: column caption: "
+        "'abstract art')" in out
+    )
+
+
+def test_a_dataset_without_captions(capsys, tmp_path, pixel_pipeline):
+    data = tmp_path / "n.parquet"
+    pq.write_table(pa.table({"text": ["a red circle"], "image": [png([1, 2, 3])]}), data)
+    line = one_error(capsys, *tpo_argv(pixel_pipeline, str(data), tmp_path))
+    assert line == (
+        f"mmalign: error: data.path: {data} has no column 'caption' (columns: text, image; captioned images "
+        "need caption and image)"
+    )
+
+
+def test_a_label_column_that_is_not_boolean(capsys, tmp_path, pixel_pipeline):
+    data = captions_table(tmp_path / "l.parquet", label=[1.0, 0.25])
+    line = one_error(capsys, *tpo_argv(pixel_pipeline, data, tmp_path, "recipe=kto"))
+    assert line == (
+        f"mmalign: error: {data} row 1: column label is 0.25; accepted: true / false or 1 / 0 "
+        "(1: desirable, 0: undesirable)"
+    )
+
+
+def test_pair_data_given_to_the_tpo_recipe_names_the_formats(capsys, tmp_path, pixel_pipeline, pairs_parquet):
+    line = one_error(capsys, *tpo_argv(pixel_pipeline, pairs_parquet, tmp_path, "data.format=pickapic"))
+    assert line == (
+        "mmalign: error: `data.format` 'pickapic' does not hold captioned images; recipe tpo reads "
+        "captions_parquet or captions_jsonl (caption, image)"
+    )
+
+
+def test_caption_dropout_with_tdpo_is_refused(capsys, tmp_path, pixel_pipeline):
+    data = captions_table(tmp_path / "c.parquet")
+    line = one_error(capsys, *tpo_argv(pixel_pipeline, data, tmp_path, "data.caption_dropout=0.2"))
+    assert "`data.caption_dropout` 0.2 applies to loss sft only in recipe tpo" in line

@@ -33,8 +33,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from mmalign import cli
-from mmalign.config import SCHEMAS, LossConfig, load_config
-from mmalign.losses import LOSSES
+from mmalign.config import SCHEMAS, load_config
+from mmalign.losses import LOSSES, names_for
 from mmalign.recipes import preference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +42,12 @@ DOCS = [
     "README.md",
     *sorted(f"docs/{name}" for name in os.listdir(os.path.join(ROOT, "docs")) if name.endswith(".md")),
 ]
-BASES = {"preference": "configs/quickstart.yaml", "rwr": "configs/flow_rwr_video_toy.yaml"}
+BASES = {
+    "preference": "configs/quickstart.yaml",
+    "rwr": "configs/flow_rwr_video_toy.yaml",
+    "tpo": "configs/tdpo_toy.yaml",
+    "kto": "configs/kto_toy.yaml",
+}
 CONFIG_KEYS = {f.name for schema in SCHEMAS.values() for f in dataclasses.fields(schema)}
 KEY = r"[a-z_]+(?:\.[a-z_0-9]+)*"
 COMMANDS = ("train", "eval", "config")
@@ -224,19 +229,25 @@ def documented_loss_names(docs: list[str]) -> set[str]:
     return names
 
 
-def test_config_recipe_and_docs_accept_the_same_loss_names():
-    (name_field,) = [f for f in dataclasses.fields(LossConfig) if f.name == "name"]
-    accepted = name_field.metadata["choices"]
-    assert tuple(accepted) == preference.OBJECTIVES
-    assert set(accepted) == {name for name, spec in LOSSES.items() if spec.recipe == "preference"}
-    assert {"dpo", "bco_pair", "sft"} <= set(accepted) and "kto" not in accepted
-    # docs/algorithms.md offers each accepted name, and nothing else; no other page offers another one
-    assert documented_loss_names(["docs/algorithms.md"]) == set(accepted)
-    assert documented_loss_names(DOCS) <= set(accepted)
+def test_config_recipes_and_docs_accept_the_same_loss_names():
+    trained = set()
+    for recipe, schema in SCHEMAS.items():
+        loss = getattr(schema(), "loss", None)  # the recipe's loss section, if it has one
+        if loss is None:
+            continue
+        (name_field,) = [f for f in dataclasses.fields(loss) if f.name == "name"]
+        assert tuple(name_field.metadata["choices"]) == names_for(recipe), recipe
+        trained.update(names_for(recipe))
+    assert tuple(names_for("preference")) == preference.OBJECTIVES
+    assert {"dpo", "bco_pair", "sft"} <= set(preference.OBJECTIVES) and "kto" not in preference.OBJECTIVES
+    assert {"dpo", "kto", "sft"} <= set(names_for("tpo")) and names_for("kto") == ("kto",)
+    # docs/algorithms.md offers each name some recipe trains, and nothing else; no other page offers another
+    assert documented_loss_names(["docs/algorithms.md"]) == trained
+    assert documented_loss_names(DOCS) <= trained
 
 
-@pytest.mark.parametrize("name", [name for name, spec in LOSSES.items() if spec.recipe != "preference"])
-def test_a_loss_without_a_recipe_is_refused_with_the_accepted_names(name, monkeypatch, capsys):
+@pytest.mark.parametrize("name", [name for name in LOSSES if name not in preference.OBJECTIVES])
+def test_a_loss_of_another_recipe_is_refused_with_the_accepted_names(name, monkeypatch, capsys):
     """``mmalign config configs/quickstart.yaml loss.name=kto``: exit 2, one line naming the key, the value and
     the accepted names."""
     monkeypatch.chdir(ROOT)

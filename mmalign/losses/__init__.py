@@ -25,8 +25,7 @@ class LossSpec:
             ``(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta)``, returning a
             :class:`PairLoss`; ``chosen``: the per-sample errors of the chosen member alone; ``unpaired``:
             desirable and undesirable samples on their own (KTO).
-        recipe: the training recipe that runs it (the value of ``loss.name`` there); None when no recipe does
-            yet.
+        recipes: the training recipes that run it (where it is a value of ``loss.name``).
         options: the ``loss.*`` config keys passed on as keyword arguments of the same name.
         state: keyword arguments the recipe keeps up to date over the run and passes on (``delta``: BCO's
             running reward shift).
@@ -34,19 +33,20 @@ class LossSpec:
 
     fn: Callable
     inputs: str
-    recipe: str | None
+    recipes: tuple[str, ...]
     options: tuple[str, ...] = ()
     state: tuple[str, ...] = ()
 
 
+PAIRED = ("preference", "tpo")  # the recipes that train on pairs: image pairs, or one image and two captions
 LOSSES: dict[str, LossSpec] = {
-    "dpo": LossSpec(dpo, "pairs", "preference", options=("label_smoothing",)),
-    "ipo": LossSpec(ipo, "pairs", "preference"),
-    "hinge": LossSpec(hinge, "pairs", "preference"),
-    "robust": LossSpec(robust, "pairs", "preference", options=("label_noise",)),
-    "bco_pair": LossSpec(bco_pair, "pairs", "preference", state=("delta",)),
-    "sft": LossSpec(sft, "chosen", "preference"),
-    "kto": LossSpec(kto, "unpaired", None),
+    "dpo": LossSpec(dpo, "pairs", PAIRED, options=("label_smoothing",)),
+    "ipo": LossSpec(ipo, "pairs", PAIRED),
+    "hinge": LossSpec(hinge, "pairs", PAIRED),
+    "robust": LossSpec(robust, "pairs", PAIRED, options=("label_noise",)),
+    "bco_pair": LossSpec(bco_pair, "pairs", ("preference",), state=("delta",)),
+    "sft": LossSpec(sft, "chosen", PAIRED),
+    "kto": LossSpec(kto, "unpaired", ("tpo", "kto")),
 }
 
 # The losses with the pairwise signature (policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta).
@@ -55,7 +55,7 @@ PAIRWISE = tuple(name for name, spec in LOSSES.items() if spec.inputs == "pairs"
 
 def names_for(recipe: str) -> tuple[str, ...]:
     """The loss names recipe ``recipe`` accepts, in the order of :data:`LOSSES`."""
-    return tuple(name for name, spec in LOSSES.items() if spec.recipe == recipe)
+    return tuple(name for name, spec in LOSSES.items() if recipe in spec.recipes)
 
 
 def get_loss(name: str) -> LossSpec:

@@ -154,15 +154,19 @@ def preference_step(
     """
     size = len(batch["captions"])
     spec = get_loss(cfg.loss.name)
-    condition = adapter.encode_prompts(batch["captions"])  # (B, L, D) and friends
     if spec.inputs == "chosen":
+        condition = adapter.encode_prompts(batch["captions"])  # (B, L, D) and friends
         errors = adapter.errors(model, batch["chosen"], batch["noise"], batch["timesteps"], condition)  # (B,)
         return {"loss": spec.fn(errors), "policy_err_w": errors.detach()}
-    # Both members in one forward: same noise, same timestep, same caption within a pair.
+    # Both members in one forward: same noise, same timestep, same caption within a pair — or, for TPO's
+    # text-perturbation pairs (``rejected_captions``), the same image under the caption and a mismatched one.
     latents = torch.cat([batch["chosen"], batch["rejected"]])  # (2B, C, [F,] H, W)
     noise = torch.cat([batch["noise"], batch["noise"]])  # (2B, C, [F,] H, W)
     timesteps = torch.cat([batch["timesteps"], batch["timesteps"]])  # (2B,)
-    condition2 = adapter.repeat_condition(condition, 2)
+    if "rejected_captions" in batch:
+        condition2 = adapter.encode_prompts(batch["captions"] + batch["rejected_captions"])
+    else:
+        condition2 = adapter.repeat_condition(adapter.encode_prompts(batch["captions"]), 2)
     # The reference runs first, so its activations are freed before the policy's are held for backward.
     with reference() as ref_network:
         ref = adapter.errors(ref_network, latents, noise, timesteps, condition2)  # (2B,)
