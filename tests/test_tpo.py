@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -217,7 +218,8 @@ def test_kto_at_policy_equal_to_reference_is_half_per_sample(pixel_pipeline, fee
         adapter, batch, _ = setup(cfg, perturbed=False)
         network = adapters.load(cfg.model, timesteps=cfg.timesteps).network
         random_lora(network, scale=0.0)  # a LoRA that does not change the outputs yet, as at step 0
-        out = kto_recipe.kto_step(adapter, network, lambda: runtime.reference_of(network, None), batch, cfg)
+        reference = functools.partial(runtime.reference_of, network, None)
+        out = kto_recipe.kto_step(adapter, network, reference, batch, cfg)
         torch.testing.assert_close(out["loss"], torch.full((4,), 0.5), atol=1e-6, rtol=0)
 
 
@@ -304,7 +306,8 @@ def test_a_few_steps_train_the_lora_only(
     }
     assert frozen.keys() == base.keys()
     assert not [name for name, p in frozen.items() if not torch.equal(p, base[name])]
-    rows = [json.loads(line) for line in open(os.path.join(cfg.output_dir, "metrics.jsonl"))]
+    with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as handle:
+        rows = [json.loads(line) for line in handle]
     assert [row["step"] for row in rows] == [1, 2] and all(np.isfinite(row["loss"]) for row in rows)
     if loss == "dpo":  # the zero-initialised LoRA makes policy == reference at step 1: ln 2
         assert rows[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)
@@ -338,7 +341,7 @@ def test_captions_parquet_and_jsonl_read_the_same_records(tmp_path):
     from_jsonl = read_captioned("captions_jsonl", str(tmp_path / "c.jsonl"), require_label=True)
     assert [(r.caption, r.label) for r in from_parquet] == [(r.caption, r.label) for r in records]
     assert [(r.caption, r.label) for r in from_jsonl] == [(r.caption, r.label) for r in records]
-    assert [open(r.image, "rb").read() for r in from_jsonl] == [r.image for r in from_parquet]
+    assert [Path(r.image).read_bytes() for r in from_jsonl] == [r.image for r in from_parquet]
     assert from_jsonl[2].where("label").endswith("line 3: key label")
 
 
