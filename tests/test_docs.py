@@ -121,7 +121,7 @@ def snippets() -> list[Snippet]:
             single = re.fullmatch(rf"({KEY}): (.+)", span)
             if single and single.group(1).split(".")[0] in CONFIG_KEYS:
                 found.append(Snippet(where, "overrides", f"{single.group(1)}={single.group(2)}"))
-            elif is_override_span(span) and shlex.split(span)[0].split(".")[0] in CONFIG_KEYS:
+            elif is_override_span(span) and re.split(r"[.=]", shlex.split(span)[0])[0] in CONFIG_KEYS:
                 found.append(Snippet(where, "overrides", span))
             elif re.search(r"\bmmalign (train|eval|config)\b", span):
                 found.append(Snippet(where, "command", span))

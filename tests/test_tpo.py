@@ -345,22 +345,18 @@ def test_captions_parquet_and_jsonl_read_the_same_records(tmp_path):
     assert from_jsonl[2].where("label").endswith("line 3: key label")
 
 
-@pytest.mark.parametrize("value", [0.7, 2, "yes", -1])
-def test_a_label_that_is_not_boolean_names_the_row(value, tmp_path):
-    table = {
-        "caption": ["a red circle", "a blue square"],
-        "image": [png([1, 2, 3])] * 2,
-        "thumbs": [1, value],
-    }
+@pytest.mark.parametrize("column", [[1, 0.7], [0, 2], [True, None], ["1", "yes"], [1, -1]])
+def test_a_label_that_is_not_boolean_names_the_row(column, tmp_path):
+    table = {"caption": ["a red circle", "a blue square"], "image": [png([1, 2, 3])] * 2, "thumbs": column}
     pq.write_table(pa.table(table), tmp_path / "f.parquet")
+    row = 0 if isinstance(column[0], str) else 1
     with pytest.raises(UserError) as err:
         read_captioned(
             "captions_parquet", str(tmp_path / "f.parquet"), label_column="thumbs", require_label=True
         )
-    assert str(err.value) == (
-        f"{tmp_path / 'f.parquet'} row 1: column thumbs is {value!r}; accepted: true / false or 1 / 0 "
-        "(1: desirable, 0: undesirable)"
-    )
+    shown = "is missing" if column[1] is None else f"is {column[row]!r};"
+    assert str(err.value).startswith(f"{tmp_path / 'f.parquet'} row {row}: column thumbs {shown}")
+    assert str(err.value).endswith("accepted: true / false or 1 / 0 (1: desirable, 0: undesirable)")
 
 
 def test_a_dataset_without_captions_or_labels_names_what_it_needs(tmp_path):
@@ -376,10 +372,12 @@ def test_a_dataset_without_captions_or_labels_names_what_it_needs(tmp_path):
         read_captioned("captions_parquet", str(tmp_path / "u.parquet"), require_label=True)
 
 
-def test_unperturbable_captions_are_skipped_with_their_row_or_fail(pixel_pipeline, tmp_path):
+def test_unperturbable_captions_are_skipped_with_their_row_or_fail(
+    pixel_pipeline, captions_parquet, tmp_path
+):
     records = captioned_records(3)
     records[1] = CaptionedRecord("abstract art", records[1].image, 1, "data.parquet")
-    cfg = tpo_config(pixel_pipeline, "unused", tmp_path, "tpo.families=[relations]")
+    cfg = tpo_config(pixel_pipeline, captions_parquet, tmp_path, "tpo.families=[relations]")
     notes = []
     kept = tpo.mismatched_captions(cfg, records, log=notes.append)
     assert [r.row for r in kept] == [0, 2] and tpo.family_counts(kept) == "relations 2"
@@ -389,7 +387,7 @@ def test_unperturbable_captions_are_skipped_with_their_row_or_fail(pixel_pipelin
         "'abstract art')"
     ]
     fail = tpo_config(
-        pixel_pipeline, "unused", tmp_path, "tpo.families=[relations]", "tpo.unperturbable=fail"
+        pixel_pipeline, captions_parquet, tmp_path, "tpo.families=[relations]", "tpo.unperturbable=fail"
     )
     with pytest.raises(
         UserError, match=r"^data.parquet row 1: column caption: caption 'abstract art' cannot be"
@@ -397,9 +395,9 @@ def test_unperturbable_captions_are_skipped_with_their_row_or_fail(pixel_pipelin
         tpo.mismatched_captions(fail, records, log=notes.append)
 
 
-def test_mismatched_captions_are_the_rule_perturbers_keyed_by_row(pixel_pipeline, tmp_path):
+def test_mismatched_captions_are_the_rule_perturbers_keyed_by_row(pixel_pipeline, captions_parquet, tmp_path):
     records = captioned_records(6)
-    cfg = tpo_config(pixel_pipeline, "unused", tmp_path, "optim.seed=3")
+    cfg = tpo_config(pixel_pipeline, captions_parquet, tmp_path, "optim.seed=3")
     kept = tpo.mismatched_captions(cfg, records, log=lambda text: None)
     rules = RulePerturber(cfg.tpo.families, seed=3)
     expected = [rules.perturb(r.caption, key) for key, r in enumerate(records)]
