@@ -212,6 +212,8 @@ def _eval(cfg, finals: list[str] | None) -> int:
         if not sep or not os.path.isdir(path):
             raise UserError(f"--final {item!r} must be NAME=DIR with an existing folder written by training")
         final_dirs[name] = path
+    # TPO's control is supervised fine-tuning on the captioned images; the others drop the labels
+    control = "sft" if cfg.recipe == "tpo" else "no_labels"
     summary, grid = evaluate.evaluate_runs(
         cfg.model,
         final_dirs,
@@ -225,10 +227,11 @@ def _eval(cfg, finals: list[str] | None) -> int:
         out_dir=cfg.output_dir,
         grid_prompts=cfg.eval.grid_prompts,
         world=cfg.toy.world,
+        control=control,
     )
     print(evaluate.format_table(summary, list(final_dirs)))
     if "aligned" in final_dirs:
-        print(evaluate.format_checks(summary))
+        print(evaluate.format_checks(summary, control=control))
     print(f"wrote {os.path.join(cfg.output_dir, 'eval.json')} and {grid}")
     return 0
 

@@ -81,3 +81,37 @@ def test_table_and_checks_render():
     ]
     assert checks[1].startswith("  [ok] win rate vs base = 1.000")
     assert checks[2].startswith("  [MISS] reward gain = +0.1250 (+2.5 clustered SE)")  # below +3 SE
+
+
+def test_checks_against_a_supervised_fine_tuning_control_ask_for_a_win_rate_margin():
+    """TPO's control (plain fine-tuning on the captioned images) may improve on the base; the aligned model
+    must beat it by 0.05 in win rate instead of the control having to stay at the base."""
+    prompts = ["a", "a", "b", "b"]
+    base = scored([0.5] * 4, prompts, [True, False, True, False])
+    aligned = scored([0.6, 0.55, 0.7, 0.65], prompts, [False] * 4)  # wins all four
+    sft = scored([0.6, 0.4, 0.7, 0.65], prompts, [False] * 4)  # wins three: 0.75
+    s = evaluate.summarize(base, {"aligned": aligned, "control": sft})
+    checks = evaluate.format_checks(s, control="sft").splitlines()
+    assert len(checks) == 4
+    assert checks[3].split("target")[0].split() == [
+        "[ok]",
+        "aligned",
+        "−",
+        "control",
+        "(supervised",
+        "fine-tuning)",
+        "win",
+        "rate",
+        "=",
+        "+0.250",
+        "(control",
+        "win",
+        "0.750)",
+    ]
+    assert checks[3].rstrip().endswith("target ≥ +0.05")
+    close = evaluate.summarize(base, {"aligned": sft, "control": sft})
+    assert (
+        evaluate.format_checks(close, control="sft").splitlines()[3].startswith("  [MISS] aligned − control")
+    )
+    no_labels = evaluate.format_checks(s).splitlines()
+    assert len(no_labels) == 5 and "no better than base" in no_labels[3]

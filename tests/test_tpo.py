@@ -403,3 +403,32 @@ def test_mismatched_captions_are_the_rule_perturbers_keyed_by_row(pixel_pipeline
     expected = [rules.perturb(r.caption, key) for key, r in enumerate(records)]
     assert [(r.perturbed, r.family) for r in kept] == [(p.text, p.family) for p in expected]
     assert all(r.perturbed != r.caption for r in kept)
+
+
+def test_pairs_tpo_writes_a_dataset_the_column_perturber_trains_on(
+    pixel_pipeline, captions_parquet, tmp_path, capsys
+):
+    config = tmp_path / "tpo.yaml"
+    config.write_text("recipe: tpo\n")
+    out = tmp_path / "perturbed.parquet"
+    args = [f"model.path={pixel_pipeline}", f"data.path={captions_parquet}", "data.format=captions_parquet"]
+    args += [f"output_dir={tmp_path / 'run'}", "toy.enabled=false", "optim.seed=5"]
+    assert cli.main(["pairs", "tpo", str(config), *args, "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("wrote 12 captioned images with mismatched captions (")
+    written = read_captioned("captions_parquet", str(out))
+    rules = RulePerturber(seed=5)
+    expected = [
+        rules.perturb(r.caption, key)
+        for key, r in enumerate(read_captioned("captions_parquet", captions_parquet))
+    ]
+    assert [(r.perturbed, r.family) for r in written] == [(p.text, p.family) for p in expected]
+    cfg = tpo_config(pixel_pipeline, str(out), tmp_path, "tpo.perturber=column")
+    records = tpo.mismatched_captions(
+        cfg, read_captioned("captions_parquet", str(out)), log=lambda text: None
+    )
+    assert [r.perturbed for r in records] == [p.text for p in expected]
+    missing = tpo_config(pixel_pipeline, captions_parquet, tmp_path, "tpo.perturber=column")
+    with pytest.raises(
+        UserError, match=r"row 0: column perturbed_caption: no mismatched caption \(12 rows lack one\)"
+    ):
+        tpo.mismatched_captions(missing, read_captioned("captions_parquet", captions_parquet), log=print)

@@ -201,8 +201,11 @@ def evaluate_runs(
     batch_size: int = 128,
     first_seed: int = EVAL_FIRST_SEED,
     world: str = "shapes",
+    control: str = "no_labels",
 ) -> tuple[dict, str]:
-    """Sample base and each ``final/``, write eval.json and the grid; returns the summary and the grid's path."""
+    """Sample base and each ``final/``, write eval.json and the grid; returns the summary and the grid's path.
+
+    ``control``: what a ``control`` run among ``final_dirs`` is (``format_checks``), recorded in eval.json."""
     adapter = adapters.load(model_cfg)
     prompts, seeds = prompt_seeds(
         prompt_list(prompts_spec, key="eval.prompts", world=world), seeds_per_prompt, first_seed=first_seed
@@ -224,6 +227,8 @@ def evaluate_runs(
             "reward": reward_name,
         }
     )
+    if "control" in final_dirs:
+        summary["control"] = control
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -263,8 +268,13 @@ def _first_sample_per_prompt(prompts: list[str], rows: int) -> list[int]:
     return picks
 
 
-def format_checks(summary: dict) -> str:
-    """The toy world's acceptance checks, as lines a reader can verify against the table."""
+def format_checks(summary: dict, *, control: str = "no_labels") -> str:
+    """The toy world's acceptance checks, as lines a reader can verify against the table.
+
+    ``control``: what the control run is. ``no_labels`` (the same data without its labels) must be no better
+    than the base, and the aligned model must beat it by 0.10 in win rate; ``sft`` (TPO's baseline: supervised
+    fine-tuning on the same correctly captioned images, which may well improve on the base) must be beaten by
+    0.05 (TPO's claim, arXiv 2509.25771, that the mismatched caption adds signal beyond fine-tuning)."""
     checks = []
     if "aligned_error_rate" in summary and summary["base_error_rate"] > 0:
         ratio = summary["aligned_error_rate"] / summary["base_error_rate"]
@@ -274,7 +284,17 @@ def format_checks(summary: dict) -> str:
     checks.append(
         (f"reward gain = {summary['aligned_reward_gain']:+.4f} ({z:+.1f} clustered SE)", "≥ +3 SE", z >= 3)
     )
-    if "control_win_rate" in summary:
+    if "control_win_rate" in summary and control == "sft":
+        gap = summary["win_rate"] - summary["control_win_rate"]
+        checks.append(
+            (
+                f"aligned − control (supervised fine-tuning) win rate = {gap:+.3f} "
+                f"(control win {summary['control_win_rate']:.3f})",
+                "≥ +0.05",
+                gap >= 0.05,
+            )
+        )
+    elif "control_win_rate" in summary:
         control, control_z = summary["control_win_rate"], summary["control_reward_gain_z"]
         checks.append(
             (
