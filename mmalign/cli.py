@@ -166,6 +166,7 @@ def _pairs_tpo(cfg, out: str) -> int:
         raise UserError(f"`mmalign pairs tpo` reads a config with recipe: tpo, got recipe {cfg.recipe!r}")
     if cfg.tpo.perturber == "column":
         raise UserError("`tpo.perturber` must be rules or llm to build mismatched captions, got 'column'")
+    tpo.check(cfg)
     records = kto.read_captioned_data(cfg, require_label=False)
     rows = tpo.mismatched_captions(cfg, records)
     write_captioned_parquet(out, rows, label_column=cfg.data.label_column)

@@ -498,6 +498,9 @@ def _check_paths(config: RunConfig, origin: dict) -> list[str]:
         wanted.append(("data.path", config.data.path, os.path.exists, "an existing file or folder"))
     if config.data.image_root is not None:
         wanted.append(("data.image_root", config.data.image_root, os.path.isdir, "a folder"))
+    tpo = getattr(config, "tpo", None)
+    if tpo is not None and tpo.perturber == "llm":
+        wanted.append(("tpo.llm_path", tpo.llm_path or "", os.path.isdir, "a local causal LM folder"))
     for key, value, exists, what in wanted:
         if exists(value) or toy_builds(config, key):
             continue

@@ -480,3 +480,24 @@ def test_caption_dropout_with_tdpo_is_refused(capsys, tmp_path, pixel_pipeline):
     data = captions_table(tmp_path / "c.parquet")
     line = one_error(capsys, *tpo_argv(pixel_pipeline, data, tmp_path, "data.caption_dropout=0.2"))
     assert "`data.caption_dropout` 0.2 applies to loss sft only in recipe tpo" in line
+
+
+def test_an_llm_perturber_without_a_model_folder(capsys, tmp_path, pixel_pipeline):
+    data = captions_table(tmp_path / "c.parquet")
+    line = one_error(
+        capsys,
+        *tpo_argv(pixel_pipeline, data, tmp_path, "tpo.perturber=llm", f"tpo.llm_path={tmp_path}/no-lm"),
+    )
+    assert line == (
+        f"mmalign: error: `tpo.llm_path` must be a local causal LM folder, got '{tmp_path}/no-lm' (command line): "
+        "not found"
+    )
+
+
+def test_an_unknown_perturbation_family(capsys, tmp_path, pixel_pipeline):
+    data = captions_table(tmp_path / "c.parquet")
+    line = one_error(capsys, *tpo_argv(pixel_pipeline, data, tmp_path, "tpo.families=[attributes,colour]"))
+    assert line == (
+        "mmalign: error: `tpo.families` must be a non-empty list of content, attributes, relations, context, "
+        "got ['attributes', 'colour']"
+    )

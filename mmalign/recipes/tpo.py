@@ -27,7 +27,7 @@ from mmalign.adapters import Adapter
 from mmalign.config import TPOTrainConfig
 from mmalign.data.captioned import CaptionedRecord
 from mmalign.errors import UserError
-from mmalign.pairs.tpo import LLMPerturber, RulePerturber
+from mmalign.pairs.tpo import FAMILIES, LLMPerturber, RulePerturber
 from mmalign.recipes import runtime
 from mmalign.recipes.kto import CaptionedCache, kto_step, read_captioned_data
 from mmalign.recipes.preference import media_options, preference_step
@@ -134,6 +134,11 @@ def tpo_step(adapter: Adapter, model, reference, batch, cfg: TPOTrainConfig) -> 
 
 
 def check(cfg: TPOTrainConfig) -> None:
+    unknown = [family for family in cfg.tpo.families if family not in FAMILIES]
+    if unknown or not cfg.tpo.families:
+        raise UserError(
+            f"`tpo.families` must be a non-empty list of {', '.join(FAMILIES)}, got {cfg.tpo.families!r}"
+        )
     if cfg.data.caption_dropout > 0 and cfg.loss.name != "sft":
         raise UserError(
             f"`data.caption_dropout` {cfg.data.caption_dropout} applies to loss sft only in recipe tpo: a dropped "
