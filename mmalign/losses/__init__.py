@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from mmalign.errors import UserError
 from mmalign.losses.kto import KTOLoss, kto, mismatched_reference_point
+from mmalign.losses.ppo import PPOLoss, ppo_clip
 from mmalign.losses.preference import PairLoss, bco_pair, dpo, hinge, ipo, robust
 from mmalign.losses.rwr import rwr, rwr_weights, sft
 
@@ -70,6 +71,7 @@ __all__ = [
     "PAIRWISE",
     "KTOLoss",
     "LossSpec",
+    "PPOLoss",
     "PairLoss",
     "bco_pair",
     "dpo",
@@ -79,6 +81,7 @@ __all__ = [
     "kto",
     "mismatched_reference_point",
     "names_for",
+    "ppo_clip",
     "robust",
     "rwr",
     "rwr_weights",
