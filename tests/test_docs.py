@@ -185,16 +185,32 @@ def test_documented_config_snippet_loads(snippet, tmp_path, monkeypatch, capsys)
         overrides = [override_stand_in(item, tmp_path) for item in shlex.split(snippet.text)]
         given = dict(item.split("=", 1) for item in overrides)
         overrides.insert(0, f"data.path={given.get('data.path', readers_data)}")
-        load_config(BASES[given.get("recipe", "preference")], overrides)
+        load_config(BASES[recipe_of(given)], overrides)
         return
     block = OmegaConf.to_container(OmegaConf.create(snippet.text))
     assert isinstance(block, dict), f"{snippet.where}: a yaml snippet must be a mapping of sections"
     block = concrete(block, tmp_path)
     block.setdefault("data", {}).setdefault("path", readers_data)
-    base = OmegaConf.load(os.path.join(ROOT, BASES[block.get("recipe", "preference")]))
+    base = OmegaConf.load(os.path.join(ROOT, BASES[recipe_of(block)]))
     path = tmp_path / "snippet.yaml"
     OmegaConf.save(OmegaConf.merge(base, block), path)
     load_config(str(path))
+
+
+# the sections only one recipe's schema has (kto's section is also tpo's: TKTO)
+OWN_SECTIONS = {"tpo": "tpo", "kto": "tpo", "rwr": "rwr"}
+
+
+def recipe_of(keys: dict) -> str:
+    """The recipe a snippet is for: its ``recipe`` key, else the recipe whose own section it sets, else
+    preference."""
+    if "recipe" in keys:
+        return keys["recipe"]
+    for key in keys:
+        section = key.split(".")[0]
+        if section in OWN_SECTIONS:
+            return OWN_SECTIONS[section]
+    return "preference"
 
 
 def concrete(tree: dict, tmp_path) -> dict:
