@@ -15,7 +15,6 @@ thumbs-up / thumbs-down — required by recipe ``kto``), and a precomputed misma
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -23,8 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmalign.data.images import load_image, to_tensor
-from mmalign.data.pickapic import _is_bytes_type, _parquet_files, image_cell
-from mmalign.data.records import path_inside
+from mmalign.data.pickapic import _is_bytes_type, _parquet_files, image_cell, open_parquet
+from mmalign.data.records import json_line, jsonl_root, path_inside
 from mmalign.data.video import load_video
 from mmalign.errors import UserError
 
@@ -113,12 +112,7 @@ def parse_label(value: object, *, where: str) -> bool:
 
 
 def _read_parquet_file(file: str, label_column: str, require_label: bool) -> list[CaptionedRecord]:
-    try:
-        parquet = pq.ParquetFile(file)
-    except (OSError, pa.ArrowException) as err:
-        raise UserError(
-            f"data.path: {file} is not a readable parquet file ({' '.join(str(err).split())})"
-        ) from None
+    parquet = open_parquet(file)
     schema = parquet.schema_arrow
     wanted = ["caption", "image"] + (["label"] if require_label else [])
     missing = [name if name != "label" else label_column for name in wanted]
@@ -162,11 +156,7 @@ def _read_parquet_file(file: str, label_column: str, require_label: bool) -> lis
 def _read_jsonl(
     path: str, image_root: str | None, label_column: str, require_label: bool
 ) -> list[CaptionedRecord]:
-    if not os.path.isfile(path):
-        raise UserError(f"data.path: {path} does not exist (expected a JSONL file, one JSON object per line)")
-    root = os.path.realpath(image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
-    if not os.path.isdir(root):
-        raise UserError(f"data.image_root: {image_root} is not a folder (image paths are relative to it)")
+    root = jsonl_root(path, image_root)
     records = []
     with open(path, encoding="utf-8", errors="strict") as handle:
         try:
@@ -177,10 +167,7 @@ def _read_jsonl(
         if not text.strip():
             continue
         where = f"{path} line {number}"
-        try:
-            entry = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{where}: not valid JSON ({err.msg} at column {err.pos + 1})") from None
+        entry = json_line(text, where=where)
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
             raise UserError(f"{where}: expected a JSON object with keys caption and image (a path)")
         image = path_inside(entry["image"], where=f"{where}: key image", root=root)

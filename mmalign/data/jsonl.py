@@ -8,10 +8,7 @@ dataset file cannot make training read arbitrary files. Blank lines are skipped;
 
 from __future__ import annotations
 
-import json
-import os
-
-from mmalign.data.records import PairRecord, check_ties, path_inside
+from mmalign.data.records import PairRecord, check_ties, json_line, jsonl_root, path_inside
 from mmalign.errors import UserError
 
 KEYS = ("caption", "chosen", "rejected")
@@ -21,11 +18,7 @@ LABELS = "1.0 (chosen preferred) or 0.5 (tie)"
 def read_jsonl(path: str, *, image_root: str | None = None, ties: str = "drop") -> list[PairRecord]:
     """Read pairs; ``row`` of each record is its 1-based line number, images are checked to exist."""
     check_ties(ties)
-    if not os.path.isfile(path):
-        raise UserError(f"data.path: {path} does not exist (expected a JSONL file, one JSON object per line)")
-    root = os.path.realpath(image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
-    if not os.path.isdir(root):
-        raise UserError(f"data.image_root: {image_root} is not a folder (image paths are relative to it)")
+    root = jsonl_root(path, image_root)
     records = []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -46,10 +39,7 @@ def read_jsonl(path: str, *, image_root: str | None = None, ties: str = "drop") 
 
 
 def _parse_line(text: str, *, where: str, row: int, source: str, root: str, ties: str) -> PairRecord | None:
-    try:
-        entry = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{where}: not valid JSON ({err.msg} at column {err.pos + 1})") from None
+    entry = json_line(text, where=where)
     if not isinstance(entry, dict):
         raise UserError(
             f"{where}: expected a JSON object with keys {', '.join(KEYS)}, got {type(entry).__name__}"

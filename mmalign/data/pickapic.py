@@ -132,13 +132,18 @@ def _parquet_files(path: str) -> list[str]:
     return [path]
 
 
-def _read_parquet_file(file: str, ties: str) -> list[PairRecord]:
+def open_parquet(file: str) -> pq.ParquetFile:
+    """``file`` opened for reading; one that is not parquet is a one-line error naming it."""
     try:
-        parquet = pq.ParquetFile(file)
+        return pq.ParquetFile(file)
     except (OSError, pa.ArrowException) as err:
         raise UserError(
             f"data.path: {file} is not a readable parquet file ({' '.join(str(err).split())})"
         ) from None
+
+
+def _read_parquet_file(file: str, ties: str) -> list[PairRecord]:
+    parquet = open_parquet(file)
     schema = parquet.schema_arrow
     check_columns(file, schema.names)
     for name in COLUMNS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -57,3 +58,22 @@ def path_inside(value: str, *, where: str, root: str, what: str = "image") -> st
     if not os.path.isfile(resolved):
         raise UserError(f"{where}: {what} {value!r} not found (looked for {resolved})")
     return resolved
+
+
+def jsonl_root(path: str, image_root: str | None, *, what: str = "image") -> str:
+    """The folder a JSONL file's ``what`` paths are relative to (``image_root``, default the file's folder),
+    symlinks resolved, after checking that the file and the folder exist."""
+    if not os.path.isfile(path):
+        raise UserError(f"data.path: {path} does not exist (expected a JSONL file, one JSON object per line)")
+    root = os.path.realpath(image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
+    if not os.path.isdir(root):
+        raise UserError(f"data.image_root: {image_root} is not a folder ({what} paths are relative to it)")
+    return root
+
+
+def json_line(text: str, *, where: str):
+    """One JSONL line parsed; a line that is not JSON names its place and the column of the problem."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: not valid JSON ({err.msg} at column {err.pos + 1})") from None

@@ -8,15 +8,13 @@ ignored.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
 from mmalign.data.images import load_image, to_tensor
-from mmalign.data.records import path_inside
+from mmalign.data.records import json_line, jsonl_root, path_inside
 from mmalign.data.video import load_video
 from mmalign.errors import UserError
 
@@ -39,11 +37,7 @@ def read_scored_jsonl(
     path: str, *, image_root: str | None = None, reward_column: str = "reward"
 ) -> list[ScoredRecord]:
     """Read scored samples; ``row`` of each record is its 1-based line number, media are checked to exist."""
-    if not os.path.isfile(path):
-        raise UserError(f"data.path: {path} does not exist (expected a JSONL file, one JSON object per line)")
-    root = os.path.realpath(image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
-    if not os.path.isdir(root):
-        raise UserError(f"data.image_root: {image_root} is not a folder (media paths are relative to it)")
+    root = jsonl_root(path, image_root, what="media")
     keys = ("caption", "path", reward_column)
     records = []
     with open(path, encoding="utf-8") as handle:
@@ -51,10 +45,7 @@ def read_scored_jsonl(
             if not text.strip():
                 continue
             where = f"{path} line {number}"
-            try:
-                entry = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{where}: not valid JSON ({err.msg} at column {err.pos + 1})") from None
+            entry = json_line(text, where=where)
             if not isinstance(entry, dict) or any(key not in entry for key in keys):
                 raise UserError(f"{where}: expected a JSON object with keys {', '.join(keys)}")
             reward = entry[reward_column]
