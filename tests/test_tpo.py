@@ -180,10 +180,13 @@ def test_tdpo_shares_latent_noise_and_timestep_and_is_dpo_on_the_two_captions(
 # -------------------------------------------------------------------------------------------- TKTO, KTO
 
 
+@pytest.mark.parametrize("pipeline_name", ["pixel_pipeline", "flow_sd3"])
 def test_tkto_scores_the_image_under_both_captions_with_shared_noise(
-    pixel_pipeline, captions_parquet, tmp_path
+    pipeline_name, request, captions_parquet, tmp_path
 ):
-    cfg = tpo_config(pixel_pipeline, captions_parquet, tmp_path, "loss.name=kto", "loss.beta=2000")
+    pipeline = request.getfixturevalue(pipeline_name)
+    overrides = tiny_flow.media_overrides("sd3") if pipeline_name == "flow_sd3" else []
+    cfg = tpo_config(pipeline, captions_parquet, tmp_path, "loss.name=kto", "loss.beta=2000", *overrides)
     adapter, batch, reference = setup(cfg)
     network = adapter.network
     out = tpo.tpo_step(adapter, network, reference, batch, cfg)
@@ -432,3 +435,26 @@ def test_pairs_tpo_writes_a_dataset_the_column_perturber_trains_on(
         UserError, match=r"row 0: column perturbed_caption: no mismatched caption \(12 rows lack one\)"
     ):
         tpo.mismatched_captions(missing, read_captioned("captions_parquet", captions_parquet), log=print)
+
+
+def test_kto_weights_scale_desirable_and_undesirable_samples(pixel_pipeline, feedback_parquet, tmp_path):
+    """λ_D and λ_U multiply the per-sample loss of their samples (with z from the same batch)."""
+    plain = tpo_config(pixel_pipeline, feedback_parquet, tmp_path, "loss.beta=2000", recipe="kto")
+    weighted = tpo_config(
+        pixel_pipeline,
+        feedback_parquet,
+        tmp_path,
+        "loss.beta=2000",
+        "kto.desirable_weight=2.0",
+        "kto.undesirable_weight=0.5",
+        recipe="kto",
+    )
+    adapter, batch, reference = setup(plain, perturbed=False)
+    network = adapter.network
+    with torch.no_grad():
+        base = kto_recipe.kto_step(adapter, network, reference, batch, plain)["loss"]
+        scaled = kto_recipe.kto_step(adapter, network, reference, batch, weighted)["loss"]
+    desirable = batch["desirable"]
+    assert desirable.any() and (~desirable).any()
+    expected = torch.where(desirable, 2.0 * base, 0.5 * base)
+    torch.testing.assert_close(scaled, expected, atol=1e-7, rtol=1e-6)
