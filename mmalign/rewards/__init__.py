@@ -1,12 +1,20 @@
-"""Reward models: ``reward(media, prompts) -> Tensor (B,)``, chosen by name in ``REWARDS``."""
+"""Reward models: ``reward(media, prompts) -> Tensor (B,)``, chosen by name in ``REWARDS``.
+
+Reward models on local weights (``mmalign.rewards.base.RewardModel``) are chosen by name in ``MODEL_REWARDS``
+and built from their folder by ``load_reward_model``.
+"""
 
 from __future__ import annotations
 
 from mmalign.errors import UserError
+from mmalign.rewards.aesthetic import AestheticScore
+from mmalign.rewards.clip import CLIPScore, PickScore
 from mmalign.rewards.toy import ShapesReward
 from mmalign.rewards.toy_video import MovingShapesReward
 
 REWARDS = {"toy_shapes": ShapesReward, "toy_moving_shapes": MovingShapesReward}
+
+MODEL_REWARDS = {"clip_score": CLIPScore, "pick_score": PickScore, "aesthetic": AestheticScore}
 
 
 def build_reward(name: str, **kwargs):
@@ -14,3 +22,11 @@ def build_reward(name: str, **kwargs):
     if name not in REWARDS:
         raise UserError(f"reward {name!r} is unknown (accepted: {', '.join(REWARDS)})")
     return REWARDS[name](**kwargs)
+
+
+def load_reward_model(name: str, path: str, **options):
+    """The reward model called ``name`` loaded from the local folder ``path``; ``options``: batch_size,
+    differentiable, device, dtype."""
+    if name not in MODEL_REWARDS:
+        raise UserError(f"reward model {name!r} is unknown (accepted: {', '.join(MODEL_REWARDS)})")
+    return MODEL_REWARDS[name](path, **options)
