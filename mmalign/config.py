@@ -506,7 +506,7 @@ def _check_paths(config: RunConfig, origin: dict) -> list[str]:
             continue
         hint = ""
         if config.toy.enabled and key in ("model.path", "data.path"):
-            hint = f" (the toy world builds only its own: {_toy_own(config, key)})"
+            hint = f" (the toy world builds only its own: {toy_own(config, key)})"
         errors.append(
             f"`{key}` must be {what}, got {value!r} ({origin.get(key, 'default')}): not found{hint}"
         )
@@ -556,7 +556,7 @@ def _toy_base(config: RunConfig) -> str | None:
     return TOY_BASES.get((config.model.kind, config.toy.world))
 
 
-def _toy_own(config: RunConfig, key: str) -> str:
+def toy_own(config: RunConfig, key: str) -> str:
     """What the toy world builds for ``key``, for the error message."""
     if key == "model.path":
         own = _toy_base(config)

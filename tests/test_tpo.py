@@ -38,6 +38,7 @@ from mmalign.recipes import recipe as recipe_of
 from mmalign.recipes import runtime, tpo
 from mmalign.recipes.preference import media_options
 from mmalign.recipes.runtime import PairStream
+from mmalign.toy import assets
 
 CPU = torch.device("cpu")
 COLOURS = {"red": [220, 20, 20], "green": [20, 200, 40], "blue": [30, 40, 210]}
@@ -458,3 +459,23 @@ def test_kto_weights_scale_desirable_and_undesirable_samples(pixel_pipeline, fee
     assert desirable.any() and (~desirable).any()
     expected = torch.where(desirable, 2.0 * base, 0.5 * base)
     torch.testing.assert_close(scaled, expected, atol=1e-7, rtol=1e-6)
+
+
+def test_the_toy_world_builds_captioned_data_only_where_it_can(tmp_path):
+    """TPO's true renders exist for the still shapes world; KTO's labelled samples come from the diffusion base."""
+    own = [f"output_dir={tmp_path}", f"data.path={tmp_path}/data/c.parquet", "data.format=captions_parquet"]
+    video = load_config(None, ["recipe=tpo", "toy.enabled=true", "toy.world=moving_shapes", *own])
+    with pytest.raises(
+        UserError, match=r"captioned data for recipe tpo in toy.world shapes only, got 'moving_shapes'"
+    ):
+        assets.ensure_data(video, log=lambda text: None)
+    flow = load_config(None, ["recipe=kto", "toy.enabled=true", "model.kind=flow", *own])
+    with pytest.raises(
+        UserError, match=r"from the diffusion base \(assets/toy-t2i\) only, got model.kind 'flow'"
+    ):
+        assets.ensure_data(flow, log=lambda text: None)
+    renders = load_config(None, ["recipe=tpo", "toy.enabled=true", "toy.images_per_prompt=1", *own])
+    assets.ensure_data(renders, log=lambda text: None)
+    records = read_captioned("captions_parquet", renders.data.path)
+    assert len(records) == 126 and all(r.label is None and r.perturbed is None for r in records)
+    assert os.listdir(tmp_path / "data") == ["c.parquet"]  # written atomically: no partial file left

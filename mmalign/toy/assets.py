@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mmalign.adapters import diffusion
-from mmalign.config import TrainConfig, _toy_own, toy_builds
+from mmalign.config import TrainConfig, toy_builds, toy_own
 from mmalign.data.captioned import CaptionedRecord, write_captioned_parquet
 from mmalign.data.pickapic import write_pickapic_parquet
 from mmalign.errors import UserError
@@ -55,7 +55,17 @@ def ensure_data(cfg, log=print) -> None:
     if not toy_builds(cfg, "data.path"):
         raise UserError(
             f"`data.path` {cfg.data.path!r} not found, and the toy world builds only "
-            f"{_toy_own(cfg, 'data.path')}"
+            f"{toy_own(cfg, 'data.path')}"
+        )
+    if cfg.recipe in ("tpo", "kto") and cfg.toy.world != "shapes":
+        raise UserError(
+            f"the toy world builds captioned data for recipe {cfg.recipe} in toy.world shapes only, got "
+            f"{cfg.toy.world!r}"
+        )
+    if cfg.recipe == "kto" and cfg.model.kind != "diffusion":
+        raise UserError(
+            "the toy world samples recipe kto's thumbs-up / thumbs-down data from the diffusion base "
+            f"(assets/toy-t2i) only, got model.kind {cfg.model.kind!r}"
         )
     if cfg.recipe == "tpo":
         build_true_renders(cfg, log)
