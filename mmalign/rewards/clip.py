@@ -130,14 +130,14 @@ def cosine(
     return (image * text).sum(dim=-1)  # (N,)
 
 
-class CLIPScore:
-    """``reward(media, prompts) -> (B,)`` = 2.5 · max(cos(E_I, E_c), 0) ∈ [0, 2.5] (Hessel et al., Eq. 1).
+class CLIPReward:
+    """A reward of CLIP image and text embeddings from a local transformers CLIP folder: ``reward(media,
+    prompts) -> (B,)``. Subclasses give ``_score(images, prompts) -> (N,)``.
 
-    ``path``: a local transformers CLIP folder (ViT-L/14 in the paper's results); ``batch_size``: images (or
-    frames) per forward pass; ``differentiable``: keep the graph so gradients reach the media.
-    """
+    ``batch_size``: images (or frames) per forward pass; ``differentiable``: keep the graph so gradients reach
+    the media."""
 
-    dimensions = ("clip_score",)
+    dimensions: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -158,36 +158,30 @@ class CLIPScore:
         )
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CLIPScore(CLIPReward):
+    """``reward(media, prompts) -> (B,)`` = 2.5 · max(cos(E_I, E_c), 0) ∈ [0, 2.5] (Hessel et al., Eq. 1).
+
+    ``path``: a local transformers CLIP folder (ViT-L/14 in the paper's results); options as ``CLIPReward``.
+    """
+
+    dimensions = ("clip_score",)
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         similarity = cosine(self.model, self.tokenizer, self.processor, images, prompts)  # (N,)
         return CLIPSCORE_WEIGHT * similarity.clamp(min=0)
 
 
-class PickScore:
+class PickScore(CLIPReward):
     """``reward(media, prompts) -> (B,)`` = exp(logit_scale) · cos(E_I, E_c) (Kirstain et al., §4).
 
     ``path``: a local PickScore folder (``yuvalkirstain/PickScore_v1`` with the CLIP-H processor and tokenizer
-    files beside it); ``batch_size``, ``differentiable`` as for ``CLIPScore``.
+    files beside it); options as ``CLIPReward``.
     """
 
     dimensions = ("pick_score",)
-
-    def __init__(
-        self,
-        path: str,
-        *,
-        batch_size: int = 32,
-        differentiable: bool = False,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        self.model, self.tokenizer, self.processor = load_clip(path, device=device, dtype=dtype)
-        self.batch_size = batch_size
-        self.differentiable = differentiable
-
-    def __call__(self, media: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return score_media(
-            self._score, media, prompts, batch_size=self.batch_size, differentiable=self.differentiable
-        )
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         similarity = cosine(self.model, self.tokenizer, self.processor, images, prompts)  # (N,)
