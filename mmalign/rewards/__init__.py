@@ -6,15 +6,21 @@ and built from their folder by ``load_reward_model``.
 
 from __future__ import annotations
 
+import importlib
+
 from mmalign.errors import UserError
-from mmalign.rewards.aesthetic import AestheticScore
-from mmalign.rewards.clip import CLIPScore, PickScore
 from mmalign.rewards.toy import ShapesReward
 from mmalign.rewards.toy_video import MovingShapesReward
 
 REWARDS = {"toy_shapes": ShapesReward, "toy_moving_shapes": MovingShapesReward}
 
-MODEL_REWARDS = {"clip_score": CLIPScore, "pick_score": PickScore, "aesthetic": AestheticScore}
+# name -> (module, class); imported when loaded, so that a run that only uses the toy rewards never imports
+# transformers' CLIP image processing (which warns about a missing torchvision on import)
+MODEL_REWARDS = {
+    "clip_score": ("mmalign.rewards.clip", "CLIPScore"),
+    "pick_score": ("mmalign.rewards.clip", "PickScore"),
+    "aesthetic": ("mmalign.rewards.aesthetic", "AestheticScore"),
+}
 
 
 def build_reward(name: str, **kwargs):
@@ -29,4 +35,5 @@ def load_reward_model(name: str, path: str, **options):
     differentiable, device, dtype."""
     if name not in MODEL_REWARDS:
         raise UserError(f"reward model {name!r} is unknown (accepted: {', '.join(MODEL_REWARDS)})")
-    return MODEL_REWARDS[name](path, **options)
+    module, cls = MODEL_REWARDS[name]
+    return getattr(importlib.import_module(module), cls)(path, **options)
