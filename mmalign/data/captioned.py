@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -82,7 +83,7 @@ def write_captioned_parquet(
     has them. The file appears atomically (written beside ``path``, then renamed)."""
     columns: dict[str, list] = {
         "caption": [r.caption for r in records],
-        "image": [r.image if isinstance(r.image, bytes) else _read_bytes(r.image) for r in records],
+        "image": [r.image if isinstance(r.image, bytes) else Path(r.image).read_bytes() for r in records],
     }
     fields = [("caption", pa.string()), ("image", pa.binary())]
     if any(r.label is not None for r in records):
@@ -114,9 +115,8 @@ def parse_label(value: object, *, where: str) -> bool:
 def _read_parquet_file(file: str, label_column: str, require_label: bool) -> list[CaptionedRecord]:
     parquet = open_parquet(file)
     schema = parquet.schema_arrow
-    wanted = ["caption", "image"] + (["label"] if require_label else [])
-    missing = [name if name != "label" else label_column for name in wanted]
-    missing = [name for name in missing if name not in schema.names]
+    wanted = ["caption", "image"] + ([label_column] if require_label else [])
+    missing = [name for name in wanted if name not in schema.names]
     if missing:
         raise UserError(
             f"data.path: {file} has no column {', '.join(repr(m) for m in missing)} (columns: "
@@ -135,18 +135,16 @@ def _read_parquet_file(file: str, label_column: str, require_label: bool) -> lis
     for batch in parquet.iter_batches(columns=["caption", "image", *optional], batch_size=256):
         cells = {name: batch.column(name).to_pylist() for name in batch.schema.names}
         for offset in range(batch.num_rows):
-            where = f"{file} row {row}"
             values = {name: column[offset] for name, column in cells.items()}
             records.append(
                 _record(
                     values,
-                    where=where,
                     row=row,
                     source=file,
                     unit="row",
                     label_column=label_column,
                     require_label=require_label,
-                    image=image_cell(values["image"], where=f"{where}: column image"),
+                    image=image_cell(values["image"], where=f"{file} row {row}: column image"),
                 )
             )
             row += 1
@@ -174,7 +172,6 @@ def _read_jsonl(
         records.append(
             _record(
                 entry,
-                where=where,
                 row=number,
                 source=path,
                 unit="line",
@@ -189,7 +186,6 @@ def _read_jsonl(
 def _record(
     values: dict,
     *,
-    where: str,
     row: int,
     source: str,
     unit: str,
@@ -197,7 +193,7 @@ def _record(
     require_label: bool,
     image: bytes | str,
 ) -> CaptionedRecord:
-    kind = "key" if unit == "line" else "column"
+    where, kind = f"{source} {unit} {row}", "key" if unit == "line" else "column"
     caption = values.get("caption")
     if not isinstance(caption, str):
         raise UserError(f"{where}: {kind} caption must be a string, got {caption!r}")
@@ -210,11 +206,6 @@ def _record(
     if perturbed is not None and not isinstance(perturbed, str):
         raise UserError(f"{where}: {kind} {PERTURBED} must be a string, got {perturbed!r}")
     return CaptionedRecord(caption, image, row, source, unit, label, perturbed, values.get(FAMILY))
-
-
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read()
 
 
 def load_media(
