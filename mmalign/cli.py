@@ -1,4 +1,4 @@
-"""Command line: ``mmalign train | eval | toy | config``.
+"""Command line: ``mmalign train | eval | guide | toy | config``.
 
 Exit codes: 0 success, 2 bad input (one line per problem, naming the key / file / row), 1 internal error.
 """
@@ -35,6 +35,13 @@ def _parser() -> argparse.ArgumentParser:
         help="models to compare with the base (default: aligned=OUTPUT_DIR/final and, if "
         "present, control=OUTPUT_DIR/control/final)",
     )
+
+    guide = commands.add_parser(
+        "guide",
+        help="sample a frozen model with and without reward guidance from the same seeds, side by side",
+    )
+    guide.add_argument("config", help="YAML config with recipe: guide, e.g. configs/guide_video_toy.yaml")
+    guide.add_argument("overrides", nargs="*", help="key.sub=value overrides (prompt=..., weights.NAME=λ)")
 
     config = commands.add_parser("config", help="print the resolved config, or every key with its meaning")
     config.add_argument("config", nargs="?")
@@ -106,6 +113,8 @@ def _run(args: argparse.Namespace) -> int:
 
         base_model.main(["--out", args.out, "--seed", str(args.seed)])
         return 0
+    if args.command == "guide":
+        return _guide(args.config, args.overrides)
     cfg = load_config(args.config, args.overrides)
     if args.command == "pairs":
         return _pairs_tpo(cfg, args.out)
@@ -114,9 +123,43 @@ def _run(args: argparse.Namespace) -> int:
     return _eval(cfg, args.final)
 
 
+def _guide(path: str, overrides: list[str]) -> int:
+    from mmalign.config import GuideConfig, load_config, to_yaml
+    from mmalign.recipes import guidance
+
+    cfg = load_config(path, overrides, schema=GuideConfig)
+    start = time.perf_counter()
+    summary = guidance.run(cfg)
+    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+        f.write(to_yaml(cfg))
+    dimensions = tuple(key[len("guided_latent_") :] for key in summary if key.startswith("guided_latent_"))
+    print(guidance.format_summary(summary, dimensions))
+    print(
+        f"wrote {os.path.join(cfg.output_dir, 'guide.json')} and {summary['grid']} in {time.perf_counter() - start:.0f} s"
+    )
+    return 0
+
+
+def _train_latent_reward(cfg) -> int:
+    from mmalign.recipes import latent_reward
+
+    if cfg.toy.enabled:
+        from mmalign.toy import assets
+
+        assets.ensure_base(cfg)
+    result = latent_reward.train(cfg)
+    print(
+        f"trained a latent reward model ({', '.join(result['dimensions'])}) on {result['samples']} samples for "
+        f"{result['steps']} steps in {result['seconds']:.0f} s -> {result['final_dir']}"
+    )
+    return 0
+
+
 def _train(cfg) -> int:
     from mmalign.recipes import recipe, runtime
 
+    if cfg.recipe == "latent_reward":
+        return _train_latent_reward(cfg)
     start = time.perf_counter()
     runtime.check_backend()
     if not sys.stderr.isatty():

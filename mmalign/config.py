@@ -425,12 +425,88 @@ class KTOTrainConfig(RunConfig):
     kto: KTOConfig = field(default_factory=KTOConfig)
 
 
+@dataclass
+class LatentRewardModelConfig:
+    dimensions: list[str] = _spec(
+        ["reward"],
+        doc="Reward dimensions, one output each: names of the reward's components for scored samples "
+        "(toy_moving_shapes: colour, shape, motion, reward), one name for preference pairs.",
+    )
+    width: int = _spec(32, doc="Channels of the convolution trunk.", gt=0)
+    embed_dim: int = _spec(64, doc="Width of the prompt + noise-level condition and of the head.", gt=0)
+    tie_margin: float = _spec(
+        0.0,
+        doc="Preference pairs: 0 reads a tie as the soft label ½; m > 0 uses Rao–Kupper's model of ties "
+        "(P(a ≻ b) = σ(d − m)).",
+        ge=0,
+    )
+
+
+@dataclass
+class LatentRewardTrainConfig(RunConfig):
+    """``recipe: latent_reward``: a reward model on the generator's noisy latents, for reward guidance."""
+
+    recipe: str = _spec("latent_reward", doc="Training recipe.", choices=("latent_reward",))
+    reward_model: LatentRewardModelConfig = field(default_factory=LatentRewardModelConfig)
+
+
+@dataclass
+class GuidanceConfig:
+    mode: str = _spec(
+        "latent",
+        doc="latent: the latent reward model's gradient on x_t (Flow-NRG, arXiv 2501.13918); pixel: decode the "
+        "predicted x0, score it with guidance.pixel_reward and back-propagate through the generator (baseline).",
+        choices=("latent", "pixel"),
+    )
+    scale: float = _spec(
+        1.0, doc="Guidance scale w: the prediction moves by w times the (clipped) gradient.", ge=0
+    )
+    start: float = _spec(
+        0.0, doc="First share of the sampler's steps with guidance (0: from the first).", ge=0, le=1
+    )
+    end: float = _spec(1.0, doc="Guidance on the steps i with start <= i / steps < end.", ge=0, le=1)
+    max_grad_norm: float = _spec(
+        0.0, doc="Clip each sample's reward gradient to this norm; 0: no clipping.", ge=0
+    )
+    pixel_reward: str = _spec(
+        "clean_latent",
+        doc="mode pixel: a differentiable reward of the decoded media; clean_latent reads the latent reward "
+        "model at noise level 0 (pixel-space generators).",
+    )
+
+
+@dataclass
+class GuideConfig:
+    """``mmalign guide``: sample a frozen model with and without reward guidance from the same seeds."""
+
+    recipe: str = _spec("guide", doc="Reward-guided sampling (mmalign guide).", choices=("guide",))
+    output_dir: str = _spec("runs/guide", doc="Where the grids and guide.json go.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reward_model: str = _spec(
+        "assets/toy-video-reward", doc="Latent reward model folder (written by recipe: latent_reward)."
+    )
+    weights: dict[str, float] = _spec(
+        {}, doc="λ_k per reward dimension of the reward model; dimensions not named weigh 0."
+    )
+    prompt: str | None = _spec(None, doc="One prompt to sample; null: the prompts of eval.prompts.")
+    world: str = _spec(
+        "moving_shapes",
+        doc="Toy world whose split names eval.prompts may give.",
+        choices=("shapes", "moving_shapes"),
+    )
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
 # the config schema of each recipe, chosen by the top-level `recipe` key
 SCHEMAS: dict[str, type] = {
     "preference": TrainConfig,
     "rwr": RWRTrainConfig,
     "tpo": TPOTrainConfig,
     "kto": KTOTrainConfig,
+    "latent_reward": LatentRewardTrainConfig,
+    "guide": GuideConfig,
 }
 
 

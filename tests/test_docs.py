@@ -47,10 +47,12 @@ BASES = {
     "rwr": "configs/flow_rwr_video_toy.yaml",
     "tpo": "configs/tdpo_toy.yaml",
     "kto": "configs/kto_toy.yaml",
+    "latent_reward": "configs/latent_reward_video_toy.yaml",
+    "guide": "configs/guide_video_toy.yaml",
 }
 CONFIG_KEYS = {f.name for schema in SCHEMAS.values() for f in dataclasses.fields(schema)}
 KEY = r"[a-z_]+(?:\.[a-z_0-9]+)*"
-COMMANDS = ("train", "eval", "config")
+COMMANDS = ("train", "eval", "config", "guide")
 
 
 @dataclasses.dataclass
@@ -198,7 +200,15 @@ def test_documented_config_snippet_loads(snippet, tmp_path, monkeypatch, capsys)
 
 
 # the sections only one recipe's schema has (kto's section is also tpo's: TKTO)
-OWN_SECTIONS = {"tpo": "tpo", "kto": "tpo", "rwr": "rwr"}
+OWN_SECTIONS = {
+    "tpo": "tpo",
+    "kto": "tpo",
+    "rwr": "rwr",
+    "reward_model": "latent_reward",
+    "guidance": "guide",
+    "weights": "guide",
+    "prompt": "guide",
+}
 
 
 def recipe_of(keys: dict) -> str:

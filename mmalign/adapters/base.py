@@ -18,9 +18,34 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 from typing import Any, Protocol
 
 import torch
+
+
+class StepGuide(Protocol):
+    """A per-step hook of ``Adapter.sample``: reward guidance (``mmalign.recipes.guidance``).
+
+    At each step i it is ``active`` on, the sampler calls it with the state x_t (b, …), the noise level
+    t in [0, 1] (b,) as ``noise_level`` reports it, the chunk's prompts and — when ``uses_prediction`` — the
+    predicted clean latents x0, computed with the autograd graph from x_t. It returns g (b, …), the direction
+    (already scaled and clipped) in which x_t should move to raise the reward; the sampler turns g into the
+    change of its prediction that moves the step that way (velocity v − g for flow; see each adapter)."""
+
+    uses_prediction: bool
+
+    def active(self, step: int, steps: int) -> bool: ...
+
+    def __call__(
+        self,
+        step: int,
+        latents: torch.Tensor,
+        noise_level: torch.Tensor,
+        prompts: list[str],
+        prediction: torch.Tensor | None,
+    ) -> torch.Tensor: ...
 
 
 class Adapter(Protocol):
@@ -58,8 +83,15 @@ class Adapter(Protocol):
     def encode_media(self, pixels: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
         """Pixels in [-1, 1], (N, 3, H, W) or (N, 3, F, H, W) → model-space latents, fp32."""
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Model-space latents → media in [0, 1], (N, 3, H, W) or (N, 3, F, H, W)."""
+    def decode(self, latents: torch.Tensor, *, differentiable: bool = False) -> torch.Tensor:
+        """Model-space latents → media in [0, 1], (N, 3, H, W) or (N, 3, F, H, W); ``differentiable`` keeps
+        the autograd graph (pixel-space reward guidance)."""
+
+    def latent_shape(self) -> tuple[int, ...]:
+        """One sample's latent at ``media_shape``: (C, h, w) or (C, F, h, w)."""
+
+    def latent_space(self) -> str:
+        """``pixels`` for a pixel-space model, else the VAE's class and a digest of its config."""
 
     # --- scoring ----------------------------------------------------------------------------------------
     def draw(self, generator: torch.Generator, latent_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +99,9 @@ class Adapter(Protocol):
 
     def noise_level(self, timesteps: torch.Tensor) -> torch.Tensor:
         """(N,) timesteps → (N,) noise level t in [0, 1] (0 clean, 1 pure noise)."""
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t of clean ``latents``, exactly as ``errors`` builds its inputs."""
 
     def encode_prompts(self, prompts: list[str]) -> Any:
         """The text condition of ``prompts`` (opaque to recipes), batch-first."""
@@ -96,14 +131,25 @@ class Adapter(Protocol):
         batch_size: int,
         relayout: bool = True,
         return_latents: bool = False,
+        guide: StepGuide | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Seeded samples, media in [0, 1] (and the latents they decode from, with ``return_latents``)."""
+        """Seeded samples, media in [0, 1] (and the latents they decode from, with ``return_latents``);
+        ``guide`` steers each step it is active on up a reward (:class:`StepGuide`)."""
 
     def export(self, network: torch.nn.Module, out_dir: str, *, lora: bool) -> None:
         """Write ``final/`` in the format the family's diffusers pipeline loads."""
 
     def load_aligned(self, final_dir: str) -> torch.nn.Module:
         """The base network with ``final/`` applied, ready to sample."""
+
+
+def latent_space_of(vae) -> str:
+    """``pixels`` for a pixel-space model, else the VAE's class and a digest of its config: a latent reward
+    model trained on one VAE's latents reads no other's."""
+    if vae is None:
+        return "pixels"
+    text = json.dumps(dict(vae.config), sort_keys=True, default=str)
+    return f"{type(vae).__name__}:{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
 
 def score_of(errors: torch.Tensor) -> torch.Tensor:

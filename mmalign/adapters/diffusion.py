@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjecti
 from mmalign.adapters.base import (
     add_peft_lora,
     fuse_lora,
+    latent_space_of,
     lora_state,
     per_sample_mean,
     score_of,
@@ -217,6 +218,11 @@ def encode_images(
 @torch.no_grad()
 def decode_latents(components: Components, latents: torch.Tensor) -> torch.Tensor:
     """Model-space latents → pixels in [0, 1], (B, 3, H, W)."""
+    return decode_with_graph(components, latents)
+
+
+def decode_with_graph(components: Components, latents: torch.Tensor) -> torch.Tensor:
+    """``decode_latents`` keeping the autograd graph (pixel-space reward guidance)."""
     if components.vae is not None:
         vae = components.vae
         shift = vae.config.shift_factor or 0.0
@@ -321,11 +327,17 @@ def sample_latents(
     guidance_scale: float = 1.5,
     batch_size: int = 128,
     relayout: bool = True,
+    guide=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sample``, and the final model-space latents the images decode from, (B, C, h, w) fp32."""
+    """``sample``, and the final model-space latents the images decode from, (B, C, h, w) fp32.
+
+    ``guide`` (:class:`~mmalign.adapters.base.StepGuide`): at each step it is active on, its ascent direction
+    g at x_t turns the (guided) prediction into ε − σ_t·g, σ_t = √(1 − ᾱ_t) — classifier guidance (Dhariwal &
+    Nichol, arXiv 2105.05233, Algorithm 2) with g in place of s·∇ log p — or, for v-prediction, the same ε
+    change written as v − (σ_t / α_t)·g, α_t = √ᾱ_t; either way the predicted x0 moves by (σ_t² / α_t)·g."""
     unet = unet or components.unet
     with channels_last(unet) if relayout else contextlib.nullcontext():
-        return _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size)
+        return _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size, guide)
 
 
 @contextlib.contextmanager
@@ -340,7 +352,7 @@ def channels_last(module: torch.nn.Module):
         module.to(memory_format=torch.contiguous_format)
 
 
-def _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size):
+def _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size, guide=None):
     device = unet.device
     ddim = DDIMScheduler.from_config(components.scheduler.config)
     channels, size = unet.config.in_channels, unet.config.sample_size
@@ -363,16 +375,35 @@ def _sample(components, unet, prompts, seeds, steps, guidance_scale, batch_size)
         hidden, added = as_dtype(hidden, added, noise.dtype)
         ddim.set_timesteps(steps, device=device)
         latents = noise * ddim.init_noise_sigma
-        for t in ddim.timesteps:
-            model_in = ddim.scale_model_input(torch.cat([latents, latents]) if guided else latents, t)
-            out = unet(model_in, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
-            if guided:
-                out_uncond, out_cond = out.chunk(2)
-                out = out_uncond + guidance_scale * (out_cond - out_uncond)
+        for i, t in enumerate(ddim.timesteps):
+            active = guide is not None and guide.active(i, len(ddim.timesteps))
+            tracked = active and guide.uses_prediction  # pixel-space guidance differentiates the prediction
+            with torch.enable_grad() if tracked else contextlib.nullcontext():
+                state = latents.detach().requires_grad_(True) if tracked else latents
+                model_in = ddim.scale_model_input(torch.cat([state, state]) if guided else state, t)
+                out = unet(model_in, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+                if guided:
+                    out_uncond, out_cond = out.chunk(2)
+                    out = out_uncond + guidance_scale * (out_cond - out_uncond)
+                if active:
+                    out = _guided_output(components, ddim, out, state, t, chunk, guide, i, tracked)
             latents = ddim.step(out, t, latents).prev_sample
         images.append(decode_latents(components, latents))
         finals.append(latents.float())
     return torch.cat(images), torch.cat(finals)
+
+
+def _guided_output(components, ddim, out, state, t, prompts, guide, step, tracked) -> torch.Tensor:
+    """The UNet's output after one guide step (see ``sample_latents``), in the UNet's prediction type."""
+    alpha_bar = ddim.alphas_cumprod[t].to(state.device)
+    alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    epsilon = components.prediction_type == "epsilon"
+    x0 = None
+    if tracked:
+        x0 = (state - sigma * out) / alpha if epsilon else alpha * state - sigma * out  # (b, C, h, w)
+    level = (t.float() / components.scheduler.config.num_train_timesteps).expand(state.shape[0])  # (b,)
+    ascent = guide(step, state, level, prompts, x0)
+    return out.detach() - (sigma if epsilon else sigma / alpha) * ascent.to(out.dtype)
 
 
 # ---------------------------------------------------------------------------------------- LoRA and export
@@ -519,10 +550,21 @@ class DiffusionAdapter:
     def media_shape(self) -> tuple[int, ...]:
         return (self.components.resolution, self.components.resolution)
 
+    def latent_shape(self) -> tuple[int, ...]:
+        """The sampler's latent of one image: (C, h, w)."""
+        unet = self.components.unet
+        return (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+
+    def latent_space(self) -> str:
+        """``pixels`` without a VAE, else the VAE class and a digest of its config."""
+        return latent_space_of(self.components.vae)
+
     def encode_media(self, pixels: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
         return encode_images(self.components, pixels, generator=generator).float()
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, *, differentiable: bool = False) -> torch.Tensor:
+        if differentiable:
+            return decode_with_graph(self.components, latents)
         return decode_latents(self.components, latents)
 
     # --- scoring
@@ -534,6 +576,10 @@ class DiffusionAdapter:
 
     def noise_level(self, timesteps: torch.Tensor) -> torch.Tensor:
         return timesteps.float() / self.components.scheduler.config.num_train_timesteps
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε, the scheduler's ``add_noise``, as ``errors`` noises its inputs."""
+        return self.components.scheduler.add_noise(latents, noise, timesteps)
 
     def encode_prompts(self, prompts: list[str]):
         return encode_prompts(self.components, prompts)
@@ -558,6 +604,7 @@ class DiffusionAdapter:
         batch_size: int = 128,
         relayout: bool = True,
         return_latents: bool = False,
+        guide=None,
     ):
         images, latents = sample_latents(
             self.components,
@@ -568,6 +615,7 @@ class DiffusionAdapter:
             guidance_scale=guidance_scale,
             batch_size=batch_size,
             relayout=relayout,
+            guide=guide,
         )
         return (images, latents) if return_latents else images
 

@@ -22,13 +22,21 @@ A folder whose ``model_index.json`` lists the VAE as null is a pixel-space model
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from mmalign.adapters.base import add_peft_lora, fuse_lora, lora_state, per_sample_mean, weight_dtype
+from mmalign.adapters.base import (
+    add_peft_lora,
+    fuse_lora,
+    latent_space_of,
+    lora_state,
+    per_sample_mean,
+    weight_dtype,
+)
 from mmalign.errors import UserError
 
 # diffusers' names for the attention kernels of its dispatcher (``set_attention_backend``)
@@ -377,6 +385,14 @@ class FlowAdapter:
     def media_shape(self) -> tuple[int, ...]:
         return self._media_shape
 
+    def latent_shape(self) -> tuple[int, ...]:
+        """The sampler's latent of one sample at ``media_shape``: (C, H, W) or (C, F, H, W)."""
+        return tuple(self.family.latent_shape(self.pipe, self._media_shape))
+
+    def latent_space(self) -> str:
+        """What the latents are: ``pixels`` without a VAE, else the VAE class and a digest of its config."""
+        return latent_space_of(self.pipe.vae)
+
     def encode_media(self, pixels: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
         """Pixels in [-1, 1], (N, 3, H, W) or (N, 3, F, H, W) → latents; pixel-space models pass through."""
         if self.family.video and pixels.dim() == 4:
@@ -386,9 +402,12 @@ class FlowAdapter:
         with torch.no_grad():
             return self.family.encode(self.pipe.vae, pixels, generator).float()
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → media in [0, 1]."""
+    def decode(self, latents: torch.Tensor, *, differentiable: bool = False) -> torch.Tensor:
+        """Latents → media in [0, 1]; ``differentiable`` keeps the graph (pixel-space reward guidance)."""
+        with contextlib.nullcontext() if differentiable else torch.no_grad():
+            return self._decode(latents)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         pixels = latents if self.pipe.vae is None else self.family.decode(self.pipe.vae, latents)
         if self.media == "image" and pixels.dim() == 5:
             pixels = pixels[:, :, 0]  # (N, 3, H, W) of a one-frame model
@@ -465,19 +484,24 @@ class FlowAdapter:
         batch_size: int = 128,
         relayout: bool = True,
         return_latents: bool = False,
+        guide=None,
     ):
-        """Euler samples of the flow ODE from each seed's own noise; media in [0, 1] (and the latents)."""
+        """Euler samples of the flow ODE from each seed's own noise; media in [0, 1] (and the latents).
+
+        ``guide`` (:class:`~mmalign.adapters.base.StepGuide`): at each step it is active on, its ascent
+        direction g of a reward at x_t (scaled, clipped) turns the velocity into v − g, after classifier-free
+        guidance: the Euler step x_{σ'} = x_σ + (σ' − σ)·v with σ' < σ then moves x up the reward."""
         network = network if network is not None else self.network
         media, finals = [], []
         for start in range(0, len(prompts), batch_size):
             chunk, chunk_seeds = prompts[start : start + batch_size], seeds[start : start + batch_size]
-            latents = self._euler(network, chunk, chunk_seeds, steps, guidance_scale)
+            latents = self._euler(network, chunk, chunk_seeds, steps, guidance_scale, guide)
             media.append(self.decode(latents))
             finals.append(latents.float())
         media, finals = torch.cat(media), torch.cat(finals)
         return (media, finals) if return_latents else media
 
-    def _euler(self, network, prompts, seeds, steps, guidance_scale) -> torch.Tensor:
+    def _euler(self, network, prompts, seeds, steps, guidance_scale, guide=None) -> torch.Tensor:
         device, dtype = network.device, weight_dtype(network)
         shape = self.family.latent_shape(self.pipe, self._media_shape)
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
@@ -492,15 +516,25 @@ class FlowAdapter:
             negative = self.encode_prompts([""] * len(prompts))
             condition = {key: torch.cat([negative[key], condition[key]]) for key in condition}
         condition = _as_dtype(condition, dtype)
-        for t in scheduler.timesteps:
-            model_in = torch.cat([latents, latents]) if guided else latents
-            timestep = t.expand(model_in.shape[0]).to(dtype)
-            velocity = self.family.predict(
-                self.pipe, network, model_in.to(dtype), timestep, condition
-            ).float()
-            if guided:
-                uncond, cond = velocity.chunk(2)
-                velocity = uncond + guidance_scale * (cond - uncond)
+        for i, t in enumerate(scheduler.timesteps):
+            active = guide is not None and guide.active(i, len(scheduler.timesteps))
+            # pixel-space guidance differentiates the prediction itself: the forward keeps its graph
+            tracked = active and guide.uses_prediction
+            with torch.enable_grad() if tracked else contextlib.nullcontext():
+                state = latents.detach().requires_grad_(True) if tracked else latents
+                model_in = torch.cat([state, state]) if guided else state
+                timestep = t.expand(model_in.shape[0]).to(dtype)
+                velocity = self.family.predict(
+                    self.pipe, network, model_in.to(dtype), timestep, condition
+                ).float()
+                if guided:
+                    uncond, cond = velocity.chunk(2)
+                    velocity = uncond + guidance_scale * (cond - uncond)
+                if active:
+                    sigma = scheduler.sigmas[i]
+                    level = self.noise_level(t.expand(state.shape[0]))  # (b,) σ
+                    x0 = state - sigma * velocity if tracked else None  # x0 = x_t − σ·v
+                    velocity = velocity.detach() - guide(i, state, level, prompts, x0)
             latents = scheduler.step(velocity, t, latents).prev_sample
         return latents
 
