@@ -43,6 +43,7 @@ import argparse
 import contextlib
 import functools
 import gc
+import io
 import json
 import os
 import platform
@@ -50,22 +51,27 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
 from mmalign.adapters import diffusion
-from mmalign.config import TrainConfig
+from mmalign.config import TrainConfig, load_config
+from mmalign.data.pickapic import write_pickapic_parquet
 from mmalign.recipes import preference, runtime
 from mmalign.toy.text import clip_text_encoder, word_tokenizer
 
 TIME_TARGET = 1.15
+LOOP_TARGETS = {10: 1.10, 1: 1.15}  # whole-loop step / floor, by log.every (10 is the default)
 MEMORY_TARGET = 1.25
 WORDS = ["a", "red", "green", "blue", "circle", "square", "cat", "dog", "on", "the", "left", "right"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -376,6 +382,148 @@ def memory_in_subprocess(variant: str, args: argparse.Namespace) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# --------------------------------------------------------------------------------------------- whole loop
+
+
+def build_vae(model: str) -> AutoencoderKL:
+    """tiny: two blocks, pixels at twice the latent grid (64 px for 32×32 latents); sd15: SD's VAE config (8×)."""
+    if model == "tiny":
+        blocks, channels, groups, size = 2, [32, 64], 8, 64
+    else:
+        blocks, channels, groups, size = 4, [128, 256, 512, 512], 32, 512
+    return AutoencoderKL(
+        block_out_channels=channels,
+        norm_num_groups=groups,
+        latent_channels=4,
+        layers_per_block=1 if model == "tiny" else 2,
+        down_block_types=["DownEncoderBlock2D"] * blocks,
+        up_block_types=["UpDecoderBlock2D"] * blocks,
+        sample_size=size,
+    )
+
+
+def write_run_inputs(model: str, root: str, pairs: int) -> tuple[str, str]:
+    """What a user's run reads: a Stable Diffusion pipeline folder (the benchmark's UNet and text tower, a VAE,
+    DDPM) and a Pick-a-Pic parquet of ``pairs`` rows, two noise PNGs each at the pipeline's resolution."""
+    torch.manual_seed(0)
+    unet = build_unet(model)
+    text_encoder, tokenizer = build_text_encoder(model)
+    vae = build_vae(model)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    pipeline = os.path.join(root, "pipeline")
+    diffusion.save_components(diffusion.Components(unet, scheduler, text_encoder, tokenizer, vae), pipeline)
+    size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    pixels, words = np.random.default_rng(0), random.Random(0)
+
+    def png() -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    rows = [(" ".join(words.choices(WORDS, k=6)), png(), png(), float(i % 2)) for i in range(pairs)]
+    data = os.path.join(root, "pairs.parquet")
+    write_pickapic_parquet(data, rows)
+    return pipeline, data
+
+
+def time_loop(
+    s: Setup,
+    pipeline: str,
+    data: str,
+    out: str,
+    args: argparse.Namespace,
+    *,
+    log_every: int,
+    cache: bool = True,
+) -> dict:
+    """Whole-loop steps of ``preference.train`` itself on ``pipeline`` and ``data``, each followed by one timed
+    ``floor`` step on the setup ``s`` (the same UNet shape, batch and LoRA), so that both see the same load.
+
+    A loop step is the time from the end of one trainer step (after its ``Run.end_step``: lr schedule, metrics,
+    TensorBoard, progress) to the end of the next, less the floor step run in between: the stream position, the
+    batch (cached latents, noise, timesteps, dropout), the DPO step, backward, clipping, the NaN check, the
+    optimizer and the logging. The config is the trainer's defaults (TensorBoard and progress on, checkpoints
+    every 100 steps) with validation and evaluation off; the last step, which writes the final checkpoint, is
+    not timed. ``cache`` false encodes the pairs inside every step, as diffusers' example script does."""
+    device = torch.device(args.device)
+    steps = args.warmup + args.repeats + 1
+    overrides = [
+        f"model.path={pipeline}",
+        "data.format=pickapic",
+        f"data.path={data}",
+        f"data.cache_latents={str(cache).lower()}",
+        f"output_dir={out}",
+        "loss.name=dpo",
+        "loss.beta=5000",
+        f"optim.batch_size={args.batch}",
+        f"optim.max_steps={steps}",
+        f"log.every={log_every}",
+        "validation.every=0",
+        "eval.enabled=false",
+        "toy.enabled=false",
+    ]
+    if args.dtype == "bf16":
+        overrides.append("optim.mixed_precision=bf16")
+    cfg = load_config(None, overrides)
+    times: dict[str, list[float]] = {"step": [], "step_cpu": [], "floor": [], "floor_cpu": []}
+    mark: dict[str, float] = {}
+    end_step, encode_ahead = runtime.Run.end_step, runtime.Run.encode_ahead
+
+    def timed_end_step(run, done):
+        end_step(run, done)
+        sync(device)
+        if "wall" in mark:
+            times["step"].append((time.perf_counter() - mark["wall"]) * 1e3)
+            times["step_cpu"].append((time.process_time() - mark["cpu"]) * 1e3)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        with autocast(device, args.dtype):
+            floor_step(s)
+        sync(device)
+        times["floor"].append((time.perf_counter() - start) * 1e3)
+        times["floor_cpu"].append((time.process_time() - start_cpu) * 1e3)
+        mark["wall"], mark["cpu"] = time.perf_counter(), time.process_time()
+
+    def timed_encode_ahead(run, source):
+        start = time.perf_counter()
+        encode_ahead(run, source)
+        mark["encode_s"] = time.perf_counter() - start
+        mark["encoded"] = len(source._latents)
+
+    runtime.Run.end_step, runtime.Run.encode_ahead = timed_end_step, timed_encode_ahead
+    try:
+        preference.train(cfg)
+    finally:
+        runtime.Run.end_step, runtime.Run.encode_ahead = end_step, encode_ahead
+    # steps 2 … N were timed: keep steps warmup + 1 … N − 1, and the floors run right after steps warmup … N − 1
+    kept = {key: values[args.warmup - 1 : args.warmup - 1 + args.repeats] for key, values in times.items()}
+    kept["floor"] = times["floor"][args.warmup : args.warmup + args.repeats]
+    kept["floor_cpu"] = times["floor_cpu"][args.warmup : args.warmup + args.repeats]
+    median = {key: statistics.median(values) for key, values in kept.items()}
+    return {
+        "log_every": log_every,
+        "cache_latents": cache,
+        "step_ms": {"median": median["step"], "all": kept["step"]},
+        "floor_ms": {"median": median["floor"], "all": kept["floor"]},
+        "ratio": median["step"] / median["floor"],
+        "cpu_ratio": median["step_cpu"] / median["floor_cpu"],
+        "paired_ratio_quartiles": quartiles([a / b for a, b in zip(kept["step"], kept["floor"])]),
+        "target": LOOP_TARGETS.get(log_every) if cache else None,
+        "encode_ahead_s": mark.get("encode_s"),
+        "pairs_encoded_ahead": mark.get("encoded", 0),
+    }
+
+
+def time_loops(s: Setup, args: argparse.Namespace) -> list[dict]:
+    """The loop at the default ``log.every`` (10), at ``log.every=1``, and without the latent cache."""
+    with tempfile.TemporaryDirectory(prefix="mmalign-loop-inputs-") as root:
+        pipeline, data = write_run_inputs(args.model, root, args.loop_pairs)
+        runs = {"default": (10, True), "log_every_1": (1, True), "not_cached": (10, False)}
+        return [
+            time_loop(s, pipeline, data, os.path.join(root, name), args, log_every=every, cache=cache)
+            for name, (every, cache) in runs.items()
+        ]
+
+
 # ------------------------------------------------------------------------------------------------- report
 
 
@@ -398,6 +546,7 @@ def run(args: argparse.Namespace) -> dict:
     cpu_median = {name: statistics.median(values) for name, values in cpu_times.items()}
     time_ratio = median["dpo"] / median["floor"]
     paired = [a / b for a, b in zip(times["dpo"], times["floor"])]
+    loops = [] if args.no_loop else time_loops(s, args)
     memory_ratio = memory["dpo"]["growth_bytes"] / memory["sft_2b"]["growth_bytes"]
     tensor_ratio = memory["dpo"]["tensor_bytes"] / memory["sft_2b"]["tensor_bytes"]
     return {
@@ -408,6 +557,8 @@ def run(args: argparse.Namespace) -> dict:
         "time_paired_ratio_quartiles": quartiles(paired),
         "time_target": TIME_TARGET,
         "time_pass": time_ratio <= TIME_TARGET,
+        "loop": loops,
+        "loop_pass": all(loop["ratio"] <= loop["target"] for loop in loops if loop["target"]),
         "memory": memory,
         "memory_ratio_dpo_over_sft_2b": memory_ratio,
         "memory_tensor_ratio_dpo_over_sft_2b": tensor_ratio,
@@ -430,6 +581,7 @@ def run(args: argparse.Namespace) -> dict:
             "repeats": args.repeats,
             "warmup": args.warmup,
             "memory_steps": args.memory_steps,
+            "loop_pairs": args.loop_pairs,
             "memory_method": "torch.cuda.max_memory_allocated over memory_allocated after setup"
             if device.type == "cuda"
             else "peak RSS (VmHWM reset by clear_refs) over post-setup RSS, "
@@ -481,6 +633,8 @@ def print_report(result: dict) -> None:
         f"repeats={env['repeats']} load={env['load_average_1min']:.1f}"
     )
     print(table(rows))
+    if result["loop"]:
+        print_loop_report(result["loop"], env)
     low, mid, high = result["time_paired_ratio_quartiles"]
     print(f"time: dpo/floor per interleaved repeat, quartiles {low:.3f} / {mid:.3f} / {high:.3f}")
     if env["device"] == "cpu":
@@ -503,6 +657,45 @@ def print_report(result: dict) -> None:
     print(f"peak memory: {env['memory_method']}; wall {env['wall_s']} s")
 
 
+def print_loop_report(loops: list[dict], env: dict) -> None:
+    rows = [
+        [
+            "whole loop step (preference.train)",
+            "median ms",
+            "floor ms",
+            "ratio",
+            "CPU-time ratio",
+            "target",
+            "result",
+        ]
+    ]
+    for loop in loops:
+        what = f"log.every={loop['log_every']}" + ("" if loop["cache_latents"] else ", latents not cached")
+        target = loop["target"]
+        rows.append(
+            [
+                what,
+                f"{loop['step_ms']['median']:.1f}",
+                f"{loop['floor_ms']['median']:.1f}",
+                f"{loop['ratio']:.3f}",
+                f"{loop['cpu_ratio']:.3f}",
+                f"≤ {target}" if target else "information",
+                verdict(loop["ratio"], target) if target else "",
+            ]
+        )
+    print(
+        f"whole loop: {env['loop_pairs']}-pair Pick-a-Pic parquet of PNGs through a VAE, trainer defaults, one floor "
+        "step after each trainer step"
+    )
+    print(table(rows))
+    ahead = loops[0]
+    if ahead["pairs_encoded_ahead"]:
+        print(
+            f"encoded ahead, before step 0: {ahead['pairs_encoded_ahead']} pairs in {ahead['encode_ahead_s']:.2f} s "
+            f"({ahead['encode_ahead_s'] / ahead['pairs_encoded_ahead'] * 1e3:.1f} ms per pair)"
+        )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
@@ -512,6 +705,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--memory-steps", type=int, default=3, help="measured memory steps after the warm one"
     )
+    parser.add_argument(
+        "--loop-pairs", type=int, default=64, help="pairs in the whole-loop run's parquet (each encoded once)"
+    )
+    parser.add_argument("--no-loop", action="store_true", help="skip the whole-loop runs of preference.train")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     parser.add_argument(

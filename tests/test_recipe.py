@@ -308,6 +308,39 @@ def test_resume_on_a_latent_pipeline_sees_the_same_latents(sd_pipeline, pairs_pa
         assert a["ref_err_w"] == pytest.approx(b["ref_err_w"], rel=1e-5), a["step"]
 
 
+def test_pairs_are_encoded_ahead_exactly_as_on_first_use(sd_pipeline, pairs_parquet, tmp_path, monkeypatch):
+    """With the latent cache, every pair the steps will read is VAE-encoded once before step 1 (and no pair the
+    run never reaches); the latents, hence the whole run, are those of encoding each pair inside its step."""
+    encoded, at_step = [], []
+    encode_media = diffusion.DiffusionAdapter.encode_media
+    preference_step = preference.preference_step
+
+    def counting_encode(self, pixels, *, generator):
+        encoded.append(pixels.shape[0])
+        return encode_media(self, pixels, generator=generator)
+
+    def noting_step(*args, **kwargs):
+        at_step.append(len(encoded))
+        return preference_step(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion.DiffusionAdapter, "encode_media", counting_encode)
+    monkeypatch.setattr(preference, "preference_step", noting_step)
+    # 3 steps of 4 pairs read 12 of the 16 pairs
+    ahead = tiny_config(sd_pipeline, pairs_parquet, tmp_path / "ahead", "optim.max_steps=3")
+    preference.train(ahead)
+    assert at_step == [12, 12, 12] and set(encoded) == {2}
+
+    encoded.clear(), at_step.clear()
+    inside = tiny_config(
+        sd_pipeline, pairs_parquet, tmp_path / "inside", "optim.max_steps=3", "data.cache_latents=false"
+    )
+    preference.train(inside)
+    assert at_step == [4, 8, 12]  # each step decoded and encoded its own 4 pairs
+    assert_same_tensors(final_lora(ahead.output_dir), final_lora(inside.output_dir), atol=0)
+    for a, b in zip(metrics(ahead.output_dir), metrics(inside.output_dir), strict=True):
+        assert (a["loss"], a["ref_err_w"], a["ref_err_l"]) == (b["loss"], b["ref_err_w"], b["ref_err_l"])
+
+
 # ------------------------------------------------------------------------------------------- checkpoints
 
 

@@ -287,6 +287,8 @@ def train(
         extras=extras,
         metrics_label=cfg.loss.name,
     )
+    if not cfg.online.enabled:
+        run.encode_ahead(source)  # every pair the steps will read, decoded and encoded once, before step 0
 
     stream = None
     for step in run.steps():

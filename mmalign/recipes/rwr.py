@@ -144,6 +144,8 @@ def train(
         extras={"pool": source} if cfg.online.enabled else None,
         metrics_label="rwr",
     )
+    if not cfg.online.enabled:
+        run.encode_ahead(source)  # every sample the steps will read, encoded once, before step 0
     stream, micro = None, cfg.optim.batch_size
     for step in run.steps():
         # 2. samples: the current pool (rebuilt when due), the weights of the whole global batch

@@ -174,6 +174,7 @@ def train(
         base_val_reward=base_val_reward,
         metrics_label=cfg.loss.name,
     )
+    run.encode_ahead(source)  # every image the steps will read, encoded once, before step 0
     stream = PairStream(len(source), cfg.optim.seed)
     for step in run.steps():
         for micro_step in range(cfg.optim.gradient_accumulation_steps):
