@@ -483,7 +483,8 @@ class GuideConfig:
     output_dir: str = _spec("runs/guide", doc="Where the grids and guide.json go.")
     model: ModelConfig = field(default_factory=ModelConfig)
     reward_model: str = _spec(
-        "assets/toy-video-reward", doc="Latent reward model folder (written by recipe: latent_reward)."
+        "assets/toy-video-reward/final",
+        doc="Latent reward model folder (final/ of a recipe: latent_reward run).",
     )
     weights: dict[str, float] = _spec(
         {}, doc="λ_k per reward dimension of the reward model; dimensions not named weigh 0."
