@@ -20,10 +20,12 @@ import math
 import os
 import shutil
 
+import numpy as np
 import pytest
 import tiny_flow
 import torch
 from conftest import TOY
+from PIL import Image
 
 from mmalign import adapters
 from mmalign.cli import main
@@ -374,6 +376,82 @@ def test_latent_reward_recipe_regresses_the_toy_rewards_components(tmp_path, cap
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     model = LatentRewardModel.load(str(out / "final"))
     assert model.dimensions == ("motion", "shape") and model.latent_shape == (3, 4, 16, 16)
+
+
+def test_latent_reward_recipe_regresses_a_scored_jsonl_file(pixel_pipeline, tmp_path, capsys):
+    """Offline scored samples (``{"caption", "path", "reward"}``): one output, regressed on the reward key; the
+    loss falls from the first logged window to the last."""
+    (tmp_path / "media").mkdir()
+    lines = []
+    for i in range(8):
+        level = 40 + 25 * i
+        Image.fromarray(np.full((8, 8, 3), level, dtype=np.uint8)).save(tmp_path / "media" / f"{i}.png")
+        lines.append(json.dumps({"caption": "a red square", "path": f"media/{i}.png", "score": level / 255}))
+    (tmp_path / "scored.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "rm"
+    code = main(
+        [
+            "train",
+            os.path.join(REPO, "configs", "latent_reward_video_toy.yaml"),
+            f"model.path={pixel_pipeline}",
+            "model.kind=diffusion",
+            "model.resolution=null",
+            "model.num_frames=null",
+            "timesteps.density=null",
+            "online.enabled=false",
+            "data.format=scored_jsonl",
+            f"data.path={tmp_path / 'scored.jsonl'}",
+            "data.reward_column=score",
+            "toy.enabled=false",
+            "reward_model.dimensions=[brightness]",
+            "reward_model.width=8",
+            "reward_model.embed_dim=16",
+            "optim.max_steps=60",
+            "optim.batch_size=8",
+            "optim.lr=5e-3",
+            "log.every=20",
+            f"output_dir={out}",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and rows[-1]["loss"] < rows[0]["loss"]
+    assert LatentRewardModel.load(str(out / "final")).dimensions == ("brightness",)
+
+
+def test_guide_on_a_diffusion_model_writes_the_image_grid_and_the_summary(pixel_pipeline, tmp_path, capsys):
+    """``mmalign guide`` on a pixel-space UNet (an image model): guided and unguided from the same seeds, a PNG
+    grid, guide.json with the paired statistics and the latent model's dimensions."""
+    adapter = load_adapter(pixel_pipeline)
+    reward_model_for(adapter, dimensions=("motion", "shape")).save(str(tmp_path / "rm"))
+    out = tmp_path / "guide"
+    code = main(
+        [
+            "guide",
+            os.path.join(REPO, "configs", "guide_video_toy.yaml"),
+            "model.kind=diffusion",
+            f"model.path={pixel_pipeline}",
+            "model.resolution=null",
+            "model.num_frames=null",
+            f"reward_model={tmp_path / 'rm'}",
+            "world=shapes",
+            "eval.reward=toy_shapes",
+            "prompt=a small red circle on the left",
+            "eval.seeds_per_prompt=2",
+            "sampling.steps=3",
+            "guidance.scale=5",
+            f"output_dir={out}",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert "win vs unguided" in capsys.readouterr().out
+    summary = json.loads((out / "guide.json").read_text())
+    assert summary["num_samples"] == 2 and summary["weights"] == {"motion": 1.0, "shape": 0.0}
+    assert {"guided_win_rate", "guided_reward_gain", "unguided_latent_motion", "guided_latent_motion"} <= set(
+        summary
+    )
+    assert summary["guided_latent_motion"] > summary["unguided_latent_motion"]
+    assert (out / "samples" / "guided_unguided.png").exists() and (out / "config.yaml").exists()
 
 
 # -------------------------------------------------------------------------------------------------- bad input

@@ -9,6 +9,8 @@ is accurate where guidance reads it. Two kinds of data:
   samples ``online.samples_per_prompt`` clips or images per prompt of ``online.prompts`` from the frozen base
   and scores them with ``online.reward`` (default ``eval.reward``), whose ``components`` give the
   dimensions (the toy rewards: colour, shape, motion …; ``reward`` is the weighted total);
+- offline scored samples (``data.format: scored_jsonl``, the ``data.reward_column`` key), by regression on
+  one dimension;
 - preference pairs (``data.format`` a pair format), by Bradley–Terry (``losses.bradley_terry``) on one
   dimension, ties kept (``data.ties: keep``) as soft labels or with Rao–Kupper's margin
   (``reward_model.tie_margin``).
@@ -80,6 +82,28 @@ def scored_samples(cfg, adapter, dimensions: list[str]) -> LatentData:
     return LatentData(latents.cpu(), prompts, targets=targets)
 
 
+def scored_file(cfg, adapter, dimensions: list[str]) -> LatentData:
+    """Offline scored samples (``data.format: scored_jsonl``) as latents, the reward column as one dimension."""
+    from mmalign.data.scored import ScoredDataset, read_scored_jsonl
+    from mmalign.recipes.preference import media_options
+
+    if len(dimensions) != 1:
+        raise UserError(
+            f"`reward_model.dimensions` must name one dimension for scored_jsonl data (its "
+            f"{cfg.data.reward_column!r} key), got {dimensions}"
+        )
+    records = read_scored_jsonl(
+        cfg.data.path, image_root=cfg.data.image_root, reward_column=cfg.data.reward_column
+    )
+    dataset = ScoredDataset(records, **media_options(cfg, adapter))
+    latents = []
+    for index in range(len(records)):
+        generator = torch.Generator().manual_seed(index)
+        latents.append(adapter.encode_media(dataset.load(index)[None], generator=generator)[0].cpu())
+    targets = torch.tensor([[record.reward] for record in records])  # (N, 1)
+    return LatentData(torch.stack(latents), [record.caption for record in records], targets=targets)
+
+
 def preference_pairs(cfg, adapter, dimensions: list[str]) -> LatentData:
     """The data's pairs as latents, outcome +1 (first member preferred) or 0 (a kept tie)."""
     from mmalign.data import PairDataset, read_pairs
@@ -132,11 +156,12 @@ def train(cfg) -> dict:
     torch.manual_seed(cfg.optim.seed)
     adapter = adapters.load(cfg.model, timesteps=cfg.timesteps)
     rm = cfg.reward_model
-    data = (
-        scored_samples(cfg, adapter, rm.dimensions)
-        if cfg.online.enabled
-        else preference_pairs(cfg, adapter, rm.dimensions)
-    )
+    if cfg.online.enabled:
+        data = scored_samples(cfg, adapter, rm.dimensions)
+    elif cfg.data.format == "scored_jsonl":
+        data = scored_file(cfg, adapter, rm.dimensions)
+    else:
+        data = preference_pairs(cfg, adapter, rm.dimensions)
     model = LatentRewardModel(
         latent_shape=list(data.latents.shape[1:]),
         dimensions=list(rm.dimensions),
