@@ -166,16 +166,16 @@ def run(cfg) -> dict:
     }
     # 2. sample both from the same seeds, timing each
     start = time.perf_counter()
-    unguided = _scored(adapter, prompts, seeds, reward, options, guide=None)
+    unguided, unguided_latents = _scored(adapter, prompts, seeds, reward, options, guide=None)
     unguided_s = time.perf_counter() - start
     start = time.perf_counter()
-    guided = _scored(adapter, prompts, seeds, reward, options, guide=guide)
+    guided, guided_latents = _scored(adapter, prompts, seeds, reward, options, guide=guide)
     guided_s = time.perf_counter() - start
     # 3. compare with the evaluation's paired statistics, per reward term too
     summary = evaluate.summarize(unguided, {"guided": guided})
     summary = {key.replace("base_", "unguided_"): value for key, value in summary.items()}
     summary.update(_components(reward, unguided, guided, prompts))
-    summary.update(_latent_rewards(model, unguided, guided, prompts))
+    summary.update(_latent_rewards(model, {"unguided": unguided_latents, "guided": guided_latents}, prompts))
     summary.update(
         {
             "weights": dict(cfg.weights),
@@ -203,13 +203,12 @@ def run(cfg) -> dict:
     return summary
 
 
-def _scored(adapter, prompts, seeds, reward, options, *, guide) -> evaluate.Scored:
+def _scored(adapter, prompts, seeds, reward, options, *, guide) -> tuple[evaluate.Scored, torch.Tensor]:
+    """Samples scored by the true reward, and the final latents they decode from."""
     media, latents = adapter.sample(prompts, seeds, return_latents=True, guide=guide, **options)
     rewards = reward(media, prompts).float().cpu()
     mistakes = reward.mistake(media, prompts).cpu() if hasattr(reward, "mistake") else None
-    scored = evaluate.Scored(prompts, seeds, rewards, mistakes, media.cpu())
-    scored.latents = latents.cpu()
-    return scored
+    return evaluate.Scored(prompts, seeds, rewards, mistakes, media.cpu()), latents.cpu()
 
 
 def _components(reward, unguided, guided, prompts) -> dict:
@@ -224,13 +223,12 @@ def _components(reward, unguided, guided, prompts) -> dict:
     return out
 
 
-def _latent_rewards(model, unguided, guided, prompts) -> dict:
+def _latent_rewards(model, latents: dict[str, torch.Tensor], prompts) -> dict:
     """The latent reward model's own dimensions on the final (clean) latents, unguided and guided."""
     out = {}
     with torch.no_grad():
-        for name, scored in (("unguided", unguided), ("guided", guided)):
-            zero = torch.zeros(len(prompts))
-            values = model(scored.latents, zero, prompts).mean(dim=0)
+        for name, final in latents.items():
+            values = model(final, torch.zeros(len(prompts)), prompts).mean(dim=0)
             for dim, value in zip(model.dimensions, values.tolist()):
                 out[f"{name}_latent_{dim}"] = value
     return out
