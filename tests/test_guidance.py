@@ -29,10 +29,10 @@ from PIL import Image
 
 from mmalign import adapters
 from mmalign.cli import main
-from mmalign.config import load_config
+from mmalign.config import GuideConfig, load_config
 from mmalign.errors import UserError
 from mmalign.losses.reward_model import bradley_terry, reward_regression
-from mmalign.recipes.guidance import LatentGuide, PixelGuide
+from mmalign.recipes.guidance import LatentGuide, PixelGuide, build_guide
 from mmalign.rewards.latent import CleanLatentReward, LatentRewardModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -267,6 +267,22 @@ def test_pixel_space_guidance_back_propagates_through_decode_and_generator(guide
     plain = adapter.decode(sample(adapter, steps=4))
     guided = adapter.decode(sample(adapter, steps=4, guide=guide))
     assert (guided.flatten(1).mean(1) > plain.flatten(1).mean(1)).all()
+
+
+def test_pixel_guidance_with_the_latent_model_needs_a_pixel_space_generator(guided_adapters, tmp_path):
+    """``guidance.pixel_reward: clean_latent`` reads the latent model on decoded media, which only a pixel-space
+    generator's latents are: for a VAE model it is refused, naming the key, the model folder and the latent space."""
+    adapter = guided_adapters["sd3"]
+    cfg = load_config(
+        None,
+        ["guidance.mode=pixel", f"model.path={tmp_path}", "weights.a=1"],
+        schema=GuideConfig,
+    )
+    with pytest.raises(UserError) as excinfo:
+        build_guide(cfg, adapter, reward_model_for(adapter))
+    message = str(excinfo.value)
+    assert "`guidance.pixel_reward` clean_latent" in message and str(tmp_path) in message
+    assert "AutoencoderKL:" in message and "guidance.mode=latent" in message
 
 
 def test_clean_latent_reward_reads_pixel_space_media_at_noise_zero(guided_adapters):
