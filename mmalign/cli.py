@@ -175,7 +175,7 @@ def _train(cfg) -> int:
         state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
         with state.main_process_first():
             assets.ensure_base(cfg)
-            if not cfg.online.enabled:
+            if not cfg.online.enabled and cfg.recipe != "branch_rl":  # online RL samples its own data
                 assets.ensure_data(cfg)
     train = recipe(cfg.recipe)
     result = train(cfg)
@@ -220,6 +220,8 @@ def _pairs_tpo(cfg, out: str) -> int:
 def _objective(cfg) -> str:
     if cfg.recipe == "tpo":
         return {"kto": "TKTO", "sft": "sft"}.get(cfg.loss.name, f"TDPO ({cfg.loss.name})")
+    if cfg.recipe == "branch_rl":
+        return f"{cfg.rl.algorithm} (branch_rl)"
     return cfg.loss.name if cfg.recipe == "preference" else cfg.recipe
 
 

@@ -299,7 +299,12 @@ class SamplingConfig:
 @dataclass
 class EvalConfig:
     enabled: bool = _spec(True, doc="Evaluate base vs aligned (and control) after training.")
-    reward: str = _spec("toy_shapes", doc="Reward model name.", choices=("toy_shapes", "toy_moving_shapes"))
+    reward: str = _spec(
+        "toy_shapes",
+        doc="Reward model name: toy_shapes (dense, in [0, 1]), toy_shapes_sparse (1 only when colour, shape and "
+        "position all match), toy_moving_shapes (video).",
+        choices=("toy_shapes", "toy_shapes_sparse", "toy_moving_shapes"),
+    )
     prompts: str = _spec("test", doc="A toy split name (test, val) or a text file with one prompt per line.")
     seeds_per_prompt: int = _spec(
         8, doc="Samples per prompt; seeds are first_seed + k, the same for every model.", gt=0
@@ -426,6 +431,85 @@ class KTOTrainConfig(RunConfig):
 
 
 @dataclass
+class RLConfig:
+    algorithm: str = _spec(
+        "b2_diffurl",
+        doc="b2_diffurl: B²-DiffuRL (arXiv 2503.11240), the last split_step(stage) steps trained, trajectories "
+        "forking into rl.branches at the split, the best and worst branch of each group kept; ddpo: DDPO (arXiv "
+        "2305.13301), rl.branches independent full trajectories per prompt, every step trained.",
+        choices=("b2_diffurl", "ddpo"),
+    )
+    prompts: str = _spec("train", doc="A toy split name or a text file of training prompts.")
+    prompts_per_stage: int = _spec(8, doc="Prompts sampled at each stage (one branch group each).", gt=0)
+    branches: int = _spec(
+        4,
+        doc="Samples per prompt and stage: the branches of one group (B²-DiffuRL's reference run: 5).",
+        ge=2,
+    )
+    stages: int | None = _spec(
+        None,
+        doc="S of the backward progressive schedule split_step(i) = left + floor(i·(right − left + 1)/S); "
+        "null: optim.max_steps (one run step is one stage).",
+        gt=0,
+    )
+    left: int = _spec(
+        14, doc="b2_diffurl: trained steps at stage 0 (reference run: 14 of 20 DDIM steps).", gt=0
+    )
+    right: int = _spec(
+        20, doc="b2_diffurl: trained steps in the last block of stages (reference run: 20 of 20).", gt=0
+    )
+    thresholds: list[float] = _spec(
+        [0.5, -0.5],
+        doc="b2_diffurl: [high, low]; per branch group the best is kept if its z ≥ high, the worst if z < low.",
+    )
+    history: int = _spec(
+        8, doc="Past stages whose rewards join each prompt's z-score statistics (B²-DiffuRL: 8).", ge=0
+    )
+    min_count: int | None = _spec(
+        None,
+        doc="Fewest kept rewards for a prompt's own statistics, else the stage's (null: ddpo 16, DDPO's "
+        "per-prompt tracker; b2_diffurl 1).",
+        gt=0,
+    )
+    clip_range: float | None = _spec(
+        None, doc="PPO clip ε (null: b2_diffurl 0.1, ddpo 1e-4, the papers' values).", gt=0
+    )
+    adv_clip: float | None = _spec(None, doc="Advantages clamped to ±c (null: b2_diffurl 5, ddpo 10).", gt=0)
+    inner_epochs: int = _spec(
+        2, doc="Optimizer steps per stage, each over all kept transitions (B²-DiffuRL: 2; DDPO: 1).", gt=0
+    )
+    eta: float | None = _spec(
+        None,
+        doc="Sampler noise: DDIM η for diffusion (null: 1), the SDE noise level a for flow (null: 0.7).",
+        gt=0,
+    )
+    kl_coef: float = _spec(
+        0.0,
+        doc="Weight of the KL between the policy's and the reference's transitions (Flow-GRPO); 0: no "
+        "reference forward.",
+        ge=0,
+    )
+    guidance_scale: float | None = _spec(
+        None,
+        doc="Guidance of the RL samples and of the recomputed log-densities; null: sampling.guidance_scale.",
+        ge=1,
+    )
+    reward: str | None = _spec(
+        None,
+        doc="Training reward; null: eval.reward.",
+        choices=("toy_shapes", "toy_shapes_sparse", "toy_moving_shapes", None),
+    )
+
+
+@dataclass
+class BranchRLTrainConfig(RunConfig):
+    """``recipe: branch_rl``: online RL on a denoiser, B²-DiffuRL or its DDPO baseline, PPO-clip on LoRA."""
+
+    recipe: str = _spec("branch_rl", doc="Training recipe.", choices=("branch_rl",))
+    rl: RLConfig = field(default_factory=RLConfig)
+
+
+@dataclass
 class LatentRewardModelConfig:
     dimensions: list[str] = _spec(
         ["reward"],
@@ -506,6 +590,7 @@ SCHEMAS: dict[str, type] = {
     "rwr": RWRTrainConfig,
     "tpo": TPOTrainConfig,
     "kto": KTOTrainConfig,
+    "branch_rl": BranchRLTrainConfig,
     "latent_reward": LatentRewardTrainConfig,
     "guide": GuideConfig,
 }
@@ -571,7 +656,8 @@ def _check_paths(config: RunConfig, origin: dict) -> list[str]:
     """Inputs must exist, except the toy world's own, which it builds when they are missing (``toy_builds``)."""
     errors = []
     wanted = [("model.path", config.model.path, os.path.isdir, "a pipeline folder")]
-    if not config.online.enabled:  # online runs sample their pairs; data.path is not read
+    # online runs sample their pairs, and online RL its trajectories: data.path is not read
+    if not config.online.enabled and getattr(config, "recipe", None) != "branch_rl":
         wanted.append(("data.path", config.data.path, os.path.exists, "an existing file or folder"))
     if config.data.image_root is not None:
         wanted.append(("data.image_root", config.data.image_root, os.path.isdir, "a folder"))

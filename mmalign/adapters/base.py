@@ -48,6 +48,29 @@ class StepGuide(Protocol):
     ) -> torch.Tensor: ...
 
 
+class StochasticSampler(Protocol):
+    """A stochastic sampler for online RL, one step at a time (``mmalign.recipes.branch_rl``).
+
+    Step i of ``timesteps`` (T,) moves x_t to x_{t−1} ~ ``posterior(output(network, x_t, i, condition), x_t, i)``,
+    a :class:`mmalign.rl.samplers.Gaussian`; step indices are (b,) tensors, so one batch may mix steps.
+    ``stochastic`` (T,) says which steps have σ > 0 (only those have a log-density to train);
+    ``forwards_per_sample`` counts the network evaluations one ``output`` costs per sample (2 with guidance)."""
+
+    timesteps: torch.Tensor
+    stochastic: list[bool]
+    forwards_per_sample: int
+
+    def initial(self, seeds: list[int], device: torch.device) -> torch.Tensor: ...
+
+    def condition(self, prompts: list[str]) -> Any: ...
+
+    def output(self, network, latents: torch.Tensor, steps: torch.Tensor, condition) -> torch.Tensor: ...
+
+    def posterior(self, output: torch.Tensor, latents: torch.Tensor, steps: torch.Tensor): ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
 class Adapter(Protocol):
     """One loaded model of some modality: the trained network plus the frozen parts around it."""
 
@@ -135,6 +158,12 @@ class Adapter(Protocol):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Seeded samples, media in [0, 1] (and the latents they decode from, with ``return_latents``);
         ``guide`` steers each step it is active on up a reward (:class:`StepGuide`)."""
+
+    def stochastic_sampler(
+        self, *, steps: int, noise: float | None, guidance_scale: float
+    ) -> StochasticSampler:
+        """The sampler of online RL: every step a Gaussian with a log-density (DDIM η > 0, the flow SDE);
+        ``noise`` is η or the SDE's noise level a (null: the modality's paper default)."""
 
     def export(self, network: torch.nn.Module, out_dir: str, *, lora: bool) -> None:
         """Write ``final/`` in the format the family's diffusers pipeline loads."""

@@ -35,6 +35,7 @@ from mmalign.adapters.base import (
 )
 from mmalign.adapters.base import for_sampling as for_sampling
 from mmalign.errors import UserError
+from mmalign.rl.samplers import Gaussian, ddim_posterior, ddim_prev_timestep
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -406,6 +407,73 @@ def _guided_output(components, ddim, out, state, t, prompts, guide, step, tracke
     return out.detach() - (sigma if epsilon else sigma / alpha) * ascent.to(out.dtype)
 
 
+class DDIMSampler:
+    """The stochastic DDIM sampler of online RL (η > 0), one step at a time, with per-sample timesteps.
+
+    Each transition x_t → x_{t−1} is the Gaussian of :func:`mmalign.rl.samplers.ddim_posterior` (Song et al.,
+    arXiv 2010.02502, Eq. 12 and 16) around the guided prediction; a recipe draws from it, stores the
+    log-density and recomputes it under the updated network. The DDIM schedule and the starting noise of a
+    seed are those of :func:`sample`, so η = 0 retraces ``sample``'s trajectory exactly. Steps whose σ_t is 0
+    (the last one when the schedule's ``set_alpha_to_one`` holds) are deterministic: ``stochastic`` says which.
+    """
+
+    def __init__(self, components: Components, *, steps: int, eta: float, guidance_scale: float):
+        self.components, self.eta, self.guidance_scale = components, eta, guidance_scale
+        self.scheduler = DDIMScheduler.from_config(components.scheduler.config)
+        self.scheduler.set_timesteps(steps)
+        self.timesteps = self.scheduler.timesteps.clone()  # (T,), noisiest first
+        self.forwards_per_sample = 2 if guidance_scale != 1 else 1  # guidance adds the unconditional pass
+        probe = torch.zeros(len(self.timesteps), 1)
+        posterior = self._posterior(probe, probe, torch.arange(len(self.timesteps)))
+        self.stochastic = (posterior.std.flatten() > 0).tolist()  # (T,) per step
+
+    def initial(self, seeds: list[int], device: torch.device) -> torch.Tensor:
+        """x_T of each seed, (b, C, h, w) fp32, as :func:`sample` draws it."""
+        unet = self.components.unet
+        channels, size = unet.config.in_channels, unet.config.sample_size
+        noise = [torch.randn(channels, size, size, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        return torch.stack(noise).to(device) * self.scheduler.init_noise_sigma
+
+    def condition(self, prompts: list[str]):
+        """The text condition of ``prompts``, with the empty prompt's for guidance."""
+        hidden, added = encode_prompts(self.components, prompts)
+        if self.guidance_scale == 1:
+            return hidden, added
+        uncond, added_uncond = encode_prompts(self.components, [""] * len(prompts))
+        return (hidden, added), (uncond, added_uncond)
+
+    def output(self, network, latents: torch.Tensor, steps: torch.Tensor, condition) -> torch.Tensor:
+        """The guided prediction at x_t = ``latents`` (b, C, h, w) for step indices ``steps`` (b,), fp32."""
+        timesteps = self.timesteps.to(latents.device)[steps]  # (b,)
+        guided = self.guidance_scale != 1
+        (hidden, added), (uncond, added_uncond) = condition if guided else (condition, (None, None))
+        if guided:
+            hidden = torch.cat([uncond, hidden])  # (2b, L, D)
+            if added is not None:
+                added = {key: torch.cat([added_uncond[key], added[key]]) for key in added}
+            latents, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
+        hidden, added = as_dtype(hidden, added, weight_dtype(network))
+        out = network(
+            latents.to(hidden.dtype), timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added
+        ).sample.float()
+        if guided:
+            out_uncond, out_cond = out.chunk(2)
+            out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
+        return out
+
+    def posterior(self, output: torch.Tensor, latents: torch.Tensor, steps: torch.Tensor) -> Gaussian:
+        """The transition from x_t = ``latents`` at step indices ``steps`` (b,) given the prediction ``output``."""
+        return self._posterior(output, latents, steps.to(latents.device))
+
+    def _posterior(self, output, latents, steps) -> Gaussian:
+        timesteps = self.timesteps.to(latents.device)[steps]  # (b,)
+        previous = ddim_prev_timestep(self.scheduler, timesteps)
+        return ddim_posterior(self.scheduler, output, latents, timesteps, previous, eta=self.eta)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return decode_latents(self.components, latents)
+
+
 # ---------------------------------------------------------------------------------------- LoRA and export
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -618,6 +686,12 @@ class DiffusionAdapter:
             guide=guide,
         )
         return (images, latents) if return_latents else images
+
+    def stochastic_sampler(self, *, steps: int, noise: float | None, guidance_scale: float) -> DDIMSampler:
+        """DDIM with η = ``noise`` (null: 1, the DDPM variance of DDPO and B²-DiffuRL) for online RL."""
+        return DDIMSampler(
+            self.components, steps=steps, eta=1.0 if noise is None else noise, guidance_scale=guidance_scale
+        )
 
     def export(self, network, out_dir: str, *, lora: bool) -> None:
         export(self.components, network, out_dir, lora=lora)

@@ -538,6 +538,11 @@ class FlowAdapter:
             latents = scheduler.step(velocity, t, latents).prev_sample
         return latents
 
+    def stochastic_sampler(self, *, steps: int, noise: float | None, guidance_scale: float):
+        raise UserError(
+            "recipe branch_rl does not run on model.kind=flow yet (accepted: model.kind=diffusion)"
+        )
+
     def export(self, network, out_dir: str, *, lora: bool) -> None:
         """``final/``: a LoRA for the family's pipeline (``pipeline.load_lora_weights(out_dir)``) or a full
         transformer folder."""

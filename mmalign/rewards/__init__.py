@@ -9,10 +9,14 @@ from __future__ import annotations
 import importlib
 
 from mmalign.errors import UserError
-from mmalign.rewards.toy import ShapesReward
+from mmalign.rewards.toy import ShapesReward, SparseShapesReward
 from mmalign.rewards.toy_video import MovingShapesReward
 
-REWARDS = {"toy_shapes": ShapesReward, "toy_moving_shapes": MovingShapesReward}
+REWARDS = {
+    "toy_shapes": ShapesReward,
+    "toy_shapes_sparse": SparseShapesReward,
+    "toy_moving_shapes": MovingShapesReward,
+}
 
 # name -> (module, class); imported when loaded, so that a run that only uses the toy rewards never imports
 # transformers' CLIP image processing (which warns about a missing torchvision on import)

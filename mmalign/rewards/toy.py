@@ -134,3 +134,32 @@ def _calibrate() -> tuple[dict, dict, dict]:
             extent_by_size[size].append(m["extent"].mean().item())
     extent = {size: float(np.mean(values)) for size, values in extent_by_size.items()}
     return fill, extent, offset
+
+
+SPARSE_THRESHOLDS = {"colour": 0.5, "position": 0.5, "shape": 0.5}
+
+
+class SparseShapesReward:
+    """The toy world's sparse reward: 1 when colour, shape and position all match the caption, else 0.
+
+    ``reward(images (B, 3, H, W) in [0, 1], prompts) -> (B,)`` in {0, 1}. A term "matches" when its
+    :class:`ShapesReward` component reaches ``SPARSE_THRESHOLDS`` (0.5 each): most foreground pixels in the
+    captioned colour, the centroid within 2.1 px of the captioned place (exp(−(d/2.5)²) ≥ 0.5), the fill
+    within 0.1 of the captioned shape's. Size is not asked for. A sparse reward is what online RL with
+    branching (B²-DiffuRL, arXiv 2503.11240) is built for: most samples score the same, and the signal lies
+    in the few that differ.
+    """
+
+    def __init__(self) -> None:
+        self.dense = ShapesReward()
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        terms = self.dense.components(images, prompts)
+        match = torch.ones_like(terms["reward"], dtype=torch.bool)  # (B,)
+        for name, threshold in SPARSE_THRESHOLDS.items():
+            match &= terms[name] >= threshold
+        return match.float()
+
+    def mistake(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The toy world's targeted mistake (wrong dominant colour or no shape), as ``ShapesReward`` has it."""
+        return self.dense.mistake(images, prompts)
