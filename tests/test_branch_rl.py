@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -19,13 +20,13 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from mmalign import adapters
-from mmalign.adapters import diffusion
+from mmalign.adapters import diffusion, flow
 from mmalign.cli import main
 from mmalign.config import load_config, to_yaml
 from mmalign.recipes import branch_rl, runtime
 from mmalign.rewards import build_reward
 from mmalign.rl import PromptStats
-from mmalign.toy import shapes
+from mmalign.toy import flow_base, shapes
 
 PROMPTS = [
     "a large red circle on the left",
@@ -305,3 +306,88 @@ def test_the_sparse_toy_reward_is_one_only_when_colour_shape_and_position_match(
     reward = build_reward("toy_shapes_sparse")
     assert reward(images, [caption] * 5).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
     assert reward.mistake(images, [caption] * 5).tolist() == [False, True, False, False, True]
+
+
+# ------------------------------------------------------------------------------------------- flow models
+
+
+@pytest.fixture(scope="module")
+def flow_pipeline(tmp_path_factory) -> str:
+    """An untrained pixel-space Wan pipeline of the shapes world (one head, one layer)."""
+    path = tmp_path_factory.mktemp("flow") / "pipe"
+    flow_base.build_untrained(0, world="shapes", heads=1, layers=1).save_pretrained(str(path))
+    return str(path)
+
+
+def test_a_tiny_flow_transformer_run_with_kl_changes_only_the_lora_parameters(
+    flow_pipeline, prompts_file, tmp_path, monkeypatch
+):
+    """The flow SDE (a = 0.7) with the KL to the reference: 2 prompts × 3 branches, 4 Euler–Maruyama steps,
+    span 2 at stage 0 → sampling 2·2 + 6·2 = 16 evaluations; every step has σ > 0 (stochastic)."""
+    kept = []
+    real = flow.load_pipeline
+
+    def load_and_keep(path, **kwargs):
+        kept.append(real(path, **kwargs))
+        return kept[-1]
+
+    monkeypatch.setattr(flow, "load_pipeline", load_and_keep)
+    cfg = rl_config(
+        flow_pipeline,
+        prompts_file,
+        tmp_path / "run",
+        "model.kind=flow",
+        "model.resolution=16",
+        "model.num_frames=1",
+        "sampling.steps=4",
+        "rl.right=4",
+        "rl.kl_coef=0.1",
+        "optim.max_steps=1",
+        "rl.thresholds=[0.0,0.0]",
+        "lora.target_modules=[to_q,to_k,to_v]",
+    )
+    branch_rl.train(cfg)
+    network = kept[-1].transformer
+    base = dict(real(flow_pipeline).transformer.named_parameters())
+    lora_b = [p for name, p in network.named_parameters() if "lora_B" in name]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+    frozen = {n.replace(".base_layer", ""): p for n, p in network.named_parameters() if "lora_" not in n}
+    assert frozen.keys() == base.keys()
+    assert not [name for name, p in frozen.items() if not torch.equal(p, base[name])]
+    rows = [row for row in metrics(cfg.output_dir) if "loss" in row]
+    assert len(rows) == 1 and rows[0]["denoiser_evals_sampling"] == 16 and rows[0]["split"] == 2
+    # the first inner epoch starts at policy = reference (KL 0), the second after one step away from it
+    assert 0 < rows[0]["kl"] < 1
+
+
+# ------------------------------------------------------------------------------------------- benchmark
+
+
+def test_the_comparison_benchmark_reads_reward_against_evaluations(tmp_path, capsys):
+    """DDPO ends at validation reward 0.6 after 3000 evaluations; B²-DiffuRL first reaches 0.6 at its second
+    validation, after 1200 evaluations: 1200 / 3000 = 0.4×."""
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    )
+    import b2_vs_ddpo
+
+    rows = {
+        "b2": [(0, None, 0.4), (2, 600, 0.5), (4, 1200, 0.65), (6, 1800, 0.7)],
+        "ddpo": [(0, None, 0.4), (2, 1000, 0.45), (4, 2000, 0.55), (6, 3000, 0.6)],
+    }
+    for name, points in rows.items():
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "metrics.jsonl", "w") as f:
+            for step, evaluations, reward in points:
+                if evaluations is not None:
+                    f.write(json.dumps({"step": step, "loss": 0.0, "denoiser_evals": evaluations}) + "\n")
+                f.write(json.dumps({"step": step, "val_reward": reward}) + "\n")
+    out = tmp_path / "curve"
+    b2_vs_ddpo.main(["--b2", str(tmp_path / "b2"), "--ddpo", str(tmp_path / "ddpo"), "--out", str(out)])
+    result = json.loads((tmp_path / "curve.json").read_text())
+    assert result["b2_diffurl_evals_to_reach_ddpo_final"] == 1200 and result["evals_ratio"] == pytest.approx(
+        0.4
+    )
+    assert [p["denoiser_evals"] for p in result["curves"]["ddpo"]] == [0, 1000, 2000, 3000]
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    assert "reached it after 1,200 (0.40×)" in capsys.readouterr().out

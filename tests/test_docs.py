@@ -47,6 +47,7 @@ BASES = {
     "rwr": "configs/flow_rwr_video_toy.yaml",
     "tpo": "configs/tdpo_toy.yaml",
     "kto": "configs/kto_toy.yaml",
+    "branch_rl": "configs/b2_diffurl_toy.yaml",
     "latent_reward": "configs/latent_reward_video_toy.yaml",
     "guide": "configs/guide_video_toy.yaml",
 }
@@ -206,6 +207,7 @@ OWN_SECTIONS = {
     "tpo": "tpo",
     "kto": "tpo",
     "rwr": "rwr",
+    "rl": "branch_rl",
     "reward_model": "latent_reward",
     "guidance": "guide",
     "weights": "guide",

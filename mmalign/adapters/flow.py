@@ -38,6 +38,7 @@ from mmalign.adapters.base import (
     weight_dtype,
 )
 from mmalign.errors import UserError
+from mmalign.rl.samplers import flow_sde_posterior
 
 # diffusers' names for the attention kernels of its dispatcher (``set_attention_backend``)
 ATTENTION_BACKENDS = {
@@ -538,9 +539,10 @@ class FlowAdapter:
             latents = scheduler.step(velocity, t, latents).prev_sample
         return latents
 
-    def stochastic_sampler(self, *, steps: int, noise: float | None, guidance_scale: float):
-        raise UserError(
-            "recipe branch_rl does not run on model.kind=flow yet (accepted: model.kind=diffusion)"
+    def stochastic_sampler(self, *, steps: int, noise: float | None, guidance_scale: float) -> FlowSDESampler:
+        """The flow SDE with noise level a = ``noise`` (null: 0.7, Flow-GRPO's) for online RL."""
+        return FlowSDESampler(
+            self, steps=steps, noise_level=0.7 if noise is None else noise, guidance_scale=guidance_scale
         )
 
     def export(self, network, out_dir: str, *, lora: bool) -> None:
@@ -578,6 +580,74 @@ class FlowAdapter:
 
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+class FlowSDESampler:
+    """The stochastic sampler of online RL on a rectified flow, one step at a time, with per-sample steps.
+
+    Each transition σ → σ_next of the scheduler's own schedule (the one :meth:`FlowAdapter.sample` walks) is
+    the Euler–Maruyama step of the reverse-time SDE with the flow's marginals (Flow-GRPO, Liu et al., arXiv
+    2505.05470; :func:`mmalign.rl.samplers.flow_sde_posterior`), around the guided velocity. At σ = 1 the
+    SDE's std uses the schedule's second σ in its denominator, as Flow-GRPO's reference code does. With a = 0
+    every step is the ODE's Euler step, so ``sample``'s trajectory is retraced.
+    """
+
+    def __init__(self, adapter: FlowAdapter, *, steps: int, noise_level: float, guidance_scale: float):
+        self.adapter, self.noise_level, self.guidance_scale = adapter, noise_level, guidance_scale
+        self.shape = adapter.family.latent_shape(adapter.pipe, adapter._media_shape)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(adapter.scheduler.config)
+        options = {"mu": adapter._mu(self.shape)} if scheduler.config.use_dynamic_shifting else {}
+        scheduler.set_timesteps(steps, **options)
+        self.timesteps = scheduler.timesteps.clone()  # (T,) σ·N, noisiest first
+        self.sigmas = scheduler.sigmas.clone().float()  # (T + 1,), ending at 0
+        self.sigma_at_one = float(self.sigmas[1])
+        embedded = getattr(adapter.network.config, "guidance_embeds", False)
+        self.guided = guidance_scale != 1 and not embedded
+        self.forwards_per_sample = 2 if self.guided else 1
+        probe = torch.zeros(len(self.timesteps), 1)
+        posterior = self.posterior(probe, probe, torch.arange(len(self.timesteps)))
+        self.stochastic = (posterior.std.flatten() > 0).tolist()  # (T,)
+
+    def initial(self, seeds: list[int], device: torch.device) -> torch.Tensor:
+        """x at σ = 1 of each seed, (b, C, [F,] h, w) fp32, as ``FlowAdapter.sample`` draws it."""
+        noise = [torch.randn(self.shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        return torch.stack(noise).to(device, torch.float32)
+
+    def condition(self, prompts: list[str]):
+        condition = self.adapter.encode_prompts(prompts)
+        negative = self.adapter.encode_prompts([""] * len(prompts)) if self.guided else None
+        return condition, negative
+
+    def output(self, network, latents: torch.Tensor, steps: torch.Tensor, condition) -> torch.Tensor:
+        """The guided velocity at x = ``latents`` for step indices ``steps`` (b,), fp32."""
+        condition, negative = condition
+        dtype = weight_dtype(network)
+        timesteps = self.timesteps.to(latents.device)[steps]  # (b,)
+        if self.guided:
+            condition = {key: torch.cat([negative[key], condition[key]]) for key in condition}
+            latents, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
+        velocity = self.adapter.family.predict(
+            self.adapter.pipe, network, latents.to(dtype), timesteps.to(dtype), _as_dtype(condition, dtype)
+        ).float()
+        if self.guided:
+            uncond, cond = velocity.chunk(2)
+            velocity = uncond + self.guidance_scale * (cond - uncond)
+        return velocity
+
+    def posterior(self, output: torch.Tensor, latents: torch.Tensor, steps: torch.Tensor):
+        """The SDE transition from x = ``latents`` at step indices ``steps`` (b,) given the velocity ``output``."""
+        steps = steps.cpu()
+        return flow_sde_posterior(
+            output,
+            latents,
+            self.sigmas[steps].to(latents.device),
+            self.sigmas[steps + 1].to(latents.device),
+            noise_level=self.noise_level,
+            sigma_at_one=self.sigma_at_one,
+        )
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.adapter.decode(latents)
 
 
 def flow_options(model_cfg, timesteps_cfg, *, video: bool) -> dict:
