@@ -207,7 +207,7 @@ def test_reward_measures_other_resolutions_and_frame_counts(reward):
 
 def test_reward_registry():
     assert isinstance(build_reward("toy_moving_shapes"), REWARDS["toy_moving_shapes"])
-    with pytest.raises(UserError, match="accepted: toy_shapes, toy_moving_shapes"):
+    with pytest.raises(UserError, match="accepted: toy_shapes, toy_shapes_sparse, toy_moving_shapes"):
         build_reward("pickscore")
 
 
