@@ -18,9 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="measured below the targets at the toy budget: see docs/algorithms.md", strict=True
-)
+@pytest.mark.xfail(reason="measured below the targets at the toy budget: see docs/algorithms.md", strict=True)
 def test_b2_diffurl_and_ddpo_raise_the_sparse_reward_and_b2_needs_fewer_evaluations(tmp_path, monkeypatch):
     import b2_vs_ddpo
 
