@@ -559,7 +559,7 @@ def test_guidance_overhead_benchmark_runs_its_three_variants(tmp_path):
     import guidance_overhead
 
     out = tmp_path / "overhead.json"
-    threads = str(torch.get_num_threads())  # the session's own, left as it is
+    threads = str(torch.get_num_threads())  # the test process's own, left as it is
     guidance_overhead.main(
         [
             "--batch",

@@ -106,22 +106,14 @@ def scored_file(cfg, adapter, dimensions: list[str]) -> LatentData:
 
 def preference_pairs(cfg, adapter, dimensions: list[str]) -> LatentData:
     """The data's pairs as latents, outcome +1 (first member preferred) or 0 (a kept tie)."""
-    from mmalign.data import PairDataset, read_pairs
-    from mmalign.recipes.preference import media_options
+    from mmalign.recipes.preference import pair_dataset
 
     if len(dimensions) != 1:
         raise UserError(
             f"`reward_model.dimensions` must name one dimension for preference pairs, got {dimensions}"
         )
-    records = read_pairs(
-        cfg.data.format,
-        cfg.data.path,
-        ties=cfg.data.ties,
-        image_root=cfg.data.image_root,
-        dimension=cfg.data.dimension,
-        weights=cfg.data.weights,
-    )
-    dataset = PairDataset(records, **media_options(cfg, adapter))
+    dataset = pair_dataset(cfg, adapter)
+    records = dataset.records
     chosen, rejected, outcomes = [], [], []
     for index, record in enumerate(records):
         generator = torch.Generator().manual_seed(index)

@@ -228,6 +228,13 @@ def offline_pairs(cfg: TrainConfig, adapter: Adapter) -> LatentCache:
     """The preference pairs of ``data``, decoded and checked up front, latents cached on first use."""
     if cfg.data.format == "scored_jsonl":
         raise UserError("`data.format` scored_jsonl holds scored samples, not pairs: use it with recipe: rwr")
+    dataset = pair_dataset(cfg, adapter)
+    validate_media(dataset)
+    return LatentCache(dataset, adapter, cfg.data.cache_latents)
+
+
+def pair_dataset(cfg, adapter: Adapter) -> PairDataset:
+    """The pairs ``data`` names (format, path, ties, preference dimension or weights), read at the model's size."""
     records = read_pairs(
         cfg.data.format,
         cfg.data.path,
@@ -236,9 +243,7 @@ def offline_pairs(cfg: TrainConfig, adapter: Adapter) -> LatentCache:
         dimension=cfg.data.dimension,
         weights=cfg.data.weights,
     )
-    dataset = PairDataset(records, **media_options(cfg, adapter))
-    validate_media(dataset)
-    return LatentCache(dataset, adapter, cfg.data.cache_latents)
+    return PairDataset(records, **media_options(cfg, adapter))
 
 
 def media_options(cfg, adapter: Adapter) -> dict:
