@@ -495,9 +495,9 @@ def time_loop(
 
     def timed_encode_ahead(run, source):
         start = time.perf_counter()
-        encode_ahead(run, source)
+        mark["encoded"] = encode_ahead(run, source)
         mark["encode_s"] = time.perf_counter() - start
-        mark["encoded"] = len(source._latents)
+        return mark["encoded"]
 
     runtime.Run.end_step, runtime.Run.encode_ahead = timed_end_step, timed_encode_ahead
     try:

@@ -269,6 +269,33 @@ def check(cfg: BranchRLTrainConfig, accelerator: Accelerator, prompts: list[str]
         raise UserError(f"`rl.eta` leaves no stochastic step to train, got {rl.eta}")
 
 
+def select_stage(rollout: Rollout, rewards: torch.Tensor, ledger: Ledger, cfg, stage: int, run):
+    """(z, keep) of a stage's samples: their advantages and which ones train. A stage whose rewards are all equal,
+    or whose thresholds keep nothing, keeps nothing; each kind is counted and warned about once."""
+    rl = cfg.rl
+    if is_constant(rewards):
+        ledger.skipped["constant"] += 1
+        ledger.warn_once(
+            "constant",
+            f"stage {stage}: every reward of the stage is {rewards[0].item():g} ({rl.reward or cfg.eval.reward}), "
+            "so its z-scores carry no signal; the stage is skipped (counted as stages_skipped_constant in "
+            "metrics.jsonl; warned once)",
+            run,
+        )
+        return None, torch.zeros(len(rewards), dtype=torch.bool)
+    z, keep = advantages_of(rollout, rewards, ledger, cfg, stage)
+    if not keep.any():
+        ledger.skipped["nothing_kept"] += 1
+        ledger.warn_once(
+            "nothing_kept",
+            f"stage {stage}: `rl.thresholds` {rl.thresholds} kept no branch (z from {z.min().item():.2f} to "
+            f"{z.max().item():.2f}); the stage is skipped (counted as stages_skipped_nothing_kept in "
+            "metrics.jsonl; warned once); thresholds nearer 0 keep more",
+            run,
+        )
+    return z, keep
+
+
 def train(
     cfg: BranchRLTrainConfig, *, base_val_reward: float | None = None, accelerator: Accelerator | None = None
 ) -> RunResult:
@@ -325,28 +352,8 @@ def train(
                 )
             ]
         run.record({"reward": rewards, "split": torch.tensor([float(span)])})
-        # 4. advantages and selection; a stage without signal trains nothing
-        if is_constant(rewards):
-            ledger.skipped["constant"] += 1
-            ledger.warn_once(
-                "constant",
-                f"stage {stage}: every reward of the stage is {rewards[0].item():g} ({rl.reward or cfg.eval.reward}), "
-                "so its z-scores carry no signal; the stage is skipped (counted as stages_skipped_constant in "
-                "metrics.jsonl; warned once)",
-                run,
-            )
-            keep = torch.zeros(len(rewards), dtype=torch.bool)
-        else:
-            z, keep = advantages_of(rollout, rewards, ledger, cfg, stage)
-            if not keep.any():
-                ledger.skipped["nothing_kept"] += 1
-                ledger.warn_once(
-                    "nothing_kept",
-                    f"stage {stage}: `rl.thresholds` {rl.thresholds} kept no branch (z from {z.min().item():.2f} to "
-                    f"{z.max().item():.2f}); the stage is skipped (counted as stages_skipped_nothing_kept in "
-                    "metrics.jsonl; warned once); thresholds nearer 0 keep more",
-                    run,
-                )
+        # 4. advantages and selection; a stage without signal trains nothing (warned once, counted)
+        z, keep = select_stage(rollout, rewards, ledger, cfg, stage, run)
         run.record({"kept": keep.float()})
         # 5. inner epochs: PPO-clip on the kept transitions, one optimizer step each
         if keep.any():

@@ -225,7 +225,7 @@ def check_objective(cfg: TrainConfig) -> None:
 
 
 def offline_pairs(cfg: TrainConfig, adapter: Adapter) -> LatentCache:
-    """The preference pairs of ``data``, decoded and checked up front, latents cached on first use."""
+    """The preference pairs of ``data``, decoded and checked up front; their latents are cached (``Run.encode_ahead``)."""
     if cfg.data.format == "scored_jsonl":
         raise UserError("`data.format` scored_jsonl holds scored samples, not pairs: use it with recipe: rwr")
     dataset = pair_dataset(cfg, adapter)

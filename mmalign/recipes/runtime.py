@@ -430,15 +430,16 @@ class Run:
         first = step * self.global_batch + (micro_step * self.world + self.rank) * self.micro
         return list(range(first, first + self.micro))
 
-    def encode_ahead(self, source) -> None:
+    def encode_ahead(self, source) -> int:
         """Fill an offline source's latent cache before the first step with every item this process's remaining
         steps will read, in the order they first read them, so that each step only looks its latents up.
 
         The work is the one the steps would otherwise do on first use (decode, VAE-encode with the item's own
         seeded posterior draw), so the latents are bit for bit the same; items the run never reaches are not
-        encoded. Nothing happens when ``data.cache_latents`` is false (every step then encodes its own)."""
+        encoded. Nothing happens when ``data.cache_latents`` is false (every step then encodes its own).
+        Returns how many items were encoded."""
         if not source.enabled:
-            return
+            return 0
         stream = PairStream(len(source), self.cfg.optim.seed)  # an offline source's stream (salt 0)
         wanted = dict.fromkeys(
             stream.pair_index(position)
@@ -454,6 +455,7 @@ class Run:
         if self.lines and wanted:
             print(f"encoded {len(wanted)} items in {time.perf_counter() - started:.1f} s", flush=True)
         self.window_start = time.perf_counter()  # the first metrics row's throughput counts steps only
+        return len(wanted)
 
     def accumulate(self):
         """Forwards inside this context count towards the current optimizer step (accelerate accumulation)."""
